@@ -1,0 +1,59 @@
+"""Builds what training, sampling and evaluation share from one config: data info, network, precond."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from imm_jax import data as data_lib
+from imm_jax.models import create_network
+from imm_jax.models.precond import Precond
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  net: nn.Module
+  precond: Precond
+  input_shape: tuple[int, ...]  # per example, model space
+  num_classes: int              # 0: unconditional
+  kind: str                     # 'image' or 'points'
+
+  @property
+  def null_label(self) -> int | None:
+    """The label id meaning "no class" (classifier-free guidance), None for unconditional models."""
+    return self.num_classes if self.num_classes > 0 else None
+
+  def init_params(self, rng, batch_size: int = 1):
+    x = jnp.zeros((batch_size,) + self.input_shape, jnp.float32)
+    c = jnp.zeros((batch_size,), jnp.float32)
+    y = jnp.zeros((batch_size,), jnp.int32) if self.null_label is not None else None
+    return self.net.init({"params": rng}, x, c, c, y, train=False)["params"]
+
+  def abstract_params(self):
+    return jax.eval_shape(lambda: self.init_params(jax.random.key(0)))
+
+
+def data_info(config) -> data_lib.DataInfo:
+  return data_lib.get_info(config.data)
+
+
+def build_model(config, info: data_lib.DataInfo | None = None) -> Model:
+  """The network named by ``config.model`` on the data's shape; conditional when
+  ``config.model.class_conditional`` and the data has labels."""
+  info = data_info(config) if info is None else info
+  conditional = bool(config.model.get("class_conditional", False))
+  num_classes = int(config.model.get("num_classes", 0) or info.num_classes) if conditional else 0
+  if conditional and num_classes == 0:
+    raise ValueError(f"config.model.class_conditional=True but dataset {info.name!r} has no labels")
+  net_cfg = config.model.copy_and_resolve_references()
+  with net_cfg.unlocked():
+    del net_cfg["class_conditional"]
+    if "num_classes" in net_cfg:
+      del net_cfg["num_classes"]
+  net = create_network(net_cfg, input_shape=info.shape, num_classes=num_classes)
+  return Model(net=net, precond=Precond.from_config(config.precond), input_shape=tuple(info.shape),
+               num_classes=num_classes, kind=info.kind)

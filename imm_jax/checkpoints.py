@@ -1,0 +1,96 @@
+"""Orbax checkpoints of the train state and the grain iterator, and the workdir's saved config.
+
+Layout of a workdir:
+  config.json              the full training config (what ``imm_jax.sample`` rebuilds the model from)
+  checkpoints/<step>/state       TrainState (step, params, ema_params, opt_state)
+  checkpoints/<step>/data_iter   grain iterator state (per process)
+Orbax writes each step into a temporary directory and renames it when complete, so an interrupted
+save is never mistaken for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def create_manager(workdir: str, *, max_to_keep: int = 3, keep_period: int | None = None,
+                   async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
+  """Keeps the newest ``max_to_keep`` checkpoints plus every step divisible by ``keep_period``."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, keep_period=keep_period or None, create=not read_only,
+      enable_async_checkpointing=async_save, read_only=read_only)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "data_iter"))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter=None, *, force: bool = False) -> bool:
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_iter is not None:
+    items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+  return manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iter=None, step: int | None = None):
+  """Restore the train state (onto the shardings carried by ``abstract_state``) and the iterator."""
+  step = manager.latest_step() if step is None else step
+  items = {"state": ocp.args.StandardRestore(abstract_state)}
+  if data_iter is not None:
+    items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))
+  return restored["state"]
+
+
+def restore_ema_params(workdir: str, abstract_params: Any, step: int | None = None):
+  """Only the EMA parameters of a workdir's checkpoint (what sampling and evaluation use)."""
+  manager = create_manager(workdir, read_only=True, async_save=False)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}: train first "
+                            f"(python -m imm_jax.train --workdir {workdir}) or convert one "
+                            f"(python -m imm_jax.convert --out {workdir})")
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={"ema_params": abstract_params}, partial_restore=True)))
+  manager.close()
+  return restored["state"]["ema_params"], step
+
+
+def save_params_only(workdir: str, ema_params: Any, step: int = 0):
+  """A sampling-only checkpoint (e.g. a converted reference model): just ``ema_params``."""
+  manager = create_manager(workdir, async_save=False)
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"ema_params": ema_params})),
+               force=True)
+  manager.wait_until_finished()
+  manager.close()
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict):
+  """config.json beside the checkpoints, written atomically by process 0."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: --workdir must be a directory written by "
+                            f"imm_jax.train or imm_jax.convert")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))

@@ -1,0 +1,54 @@
+"""Every option the trainer reads, with its default. Config files start from ``base_config()``.
+
+Config files (configs/*.py) define ``get_config(arg)`` and change only what their setup needs, so one
+place documents every field.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.objective = "imm"               # imm
+  c.num_steps = 1000
+  c.batch_size = 128                # global batch over all devices and hosts (B)
+  c.grad_accum_steps = 1            # micro-batches per step (each holds whole particle groups)
+  c.log_every = 50
+  c.sample_every = 500              # PNG + TensorBoard sample grids at config.sample.steps
+  c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, keep_period=0, async_save=True))
+
+  # Data: see imm_jax/data (digits | toy2d | images | tfds).
+  c.data = ml_collections.ConfigDict(dict(
+      name="digits", image_size=16, holdout=297, toy="checkerboard", toy_size=100_000, path="",
+      holdout_fraction=0.02, tfds_name="", tfds_data_dir=ml_collections.config_dict.placeholder(str),
+      split="train", eval_split="test", x_flip=False, worker_count=0, prefetch_buffer=2))
+
+  # Network: imm_jax.models.create_network (dit | unet | mlp); config files add the network's own
+  # fields (DiT: preset or patch_size/hidden_size/depth/num_heads; unet: SongUNet's; mlp: hidden/depth).
+  c.model = ml_collections.ConfigDict(dict(name="dit", preset="S/2", class_conditional=False,
+                                           dtype="float32"))
+
+  # Preconditioning (spec section 2).
+  c.precond = ml_collections.ConfigDict(dict(
+      interpolant="ot_fm", f_type="euler_fm", temb_type="identity", sigma_d=0.5, time_scale=1000.0))
+
+  # The IMM objective (spec section 3).
+  c.imm = ml_collections.ConfigDict(dict(
+      group_size=4, eps=0.006, T=0.994, k=12, eta_max=160.0, eta_min=0.0, min_gap=0.0,
+      kernel="laplace", weight_a=1.0, weight_b=4.0, label_dropout=0.0))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0,
+      schedule="constant", grad_clip=0.0))
+  c.ema = ml_collections.ConfigDict(dict(decay=0.9999, warmup=False))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**18))
+
+  # Sample grids during training (and the defaults of imm_jax.sample).
+  c.sample = ml_collections.ConfigDict(dict(
+      steps=(1, 2, 4), num=64, schedule="default", mid_etas=(), sampler="pushforward", cfg_scale=1.0))
+  # Sample quality against held-out data (energy distance, RBF MMD) at the end of training.
+  c.eval = ml_collections.ConfigDict(dict(num=0, steps=(1, 2, 4), every=0, at_start=True))
+  return c

@@ -1,0 +1,87 @@
+"""Networks G(x, c_t, c_s, labels) and their construction from ``config.model``.
+
+Every network is a Flax Linen module called as
+``module.apply(variables, x, c_t, c_s, labels, train=False, rngs={'dropout': key})`` with x in NHWC
+(or (N, D) for the MLP) already scaled by c_in, c_t / c_s the (N,) noise labels, and integer labels
+(N,) where the value ``num_classes`` is the null class (or None for unconditional models).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from imm_jax.models.dit import DIT_PRESETS, DiT
+from imm_jax.models.mlp import MLP
+from imm_jax.models.unet import SongUNet
+
+NETWORKS = ("dit", "unet", "mlp")
+
+__all__ = ["DIT_PRESETS", "DiT", "MLP", "NETWORKS", "SongUNet", "count_params", "create_network"]
+
+
+def _kwargs(model_cfg, drop: tuple[str, ...]) -> dict[str, Any]:
+  items = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+  out = {}
+  for k, v in items.items():
+    if k in drop:
+      continue
+    out[k] = tuple(v) if isinstance(v, list) else v
+  return out
+
+
+def _build(cls, name: str, **kwargs):
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ValueError(f"config.model.{unknown[0]} is not an option of {cls.__name__} "
+                     f"(config.model.name={name!r}); options: {sorted(fields)}")
+  return cls(**kwargs)
+
+
+def _spatial(input_shape: tuple, name: str) -> tuple[int, int, int]:
+  shape = tuple(int(d) for d in input_shape)
+  if len(shape) == 4:  # with a batch axis
+    shape = shape[1:]
+  if len(shape) != 3 or shape[0] != shape[1]:
+    raise ValueError(f"config.model.name={name!r} needs square NHWC images: input_shape (H, W, C) with "
+                     f"H == W (optionally with a leading batch axis), got {tuple(input_shape)}")
+  return shape
+
+
+def create_network(model_cfg, *, input_shape: tuple, num_classes: int):
+  """Build the network named by ``model_cfg.name`` ('dit' | 'unet' | 'mlp').
+
+  ``input_shape``: one example's shape, (H, W, C) for images or (D,) for vectors (a leading batch
+  axis is accepted and ignored). ``num_classes``: 0 for unconditional data; the null label is
+  ``num_classes``. The remaining ``model_cfg`` fields are the network's keyword arguments; for DiT an
+  optional ``preset`` ('S/2', 'B/4', 'XL/2', ...) supplies patch_size / hidden_size / depth / num_heads,
+  which explicit fields override.
+  """
+  name = model_cfg.name
+  if name == "dit":
+    h, _, c = _spatial(input_shape, name)
+    kwargs = _kwargs(model_cfg, ("name", "preset"))
+    preset = model_cfg.get("preset", None) if hasattr(model_cfg, "get") else None
+    if preset:
+      if preset not in DIT_PRESETS:
+        raise ValueError(f"unknown DiT preset {preset!r} (config.model.preset): choose one of "
+                         f"{tuple(DIT_PRESETS)}")
+      kwargs = {**DIT_PRESETS[preset], **kwargs}
+    return _build(DiT, name, input_size=h, in_channels=c, num_classes=num_classes, **kwargs)
+  if name == "unet":
+    h, _, c = _spatial(input_shape, name)
+    kwargs = _kwargs(model_cfg, ("name",))
+    return _build(SongUNet, name, img_resolution=h, in_channels=c, out_channels=c, label_dim=num_classes,
+                  **kwargs)
+  if name == "mlp":
+    return _build(MLP, name, num_classes=num_classes, **_kwargs(model_cfg, ("name",)))
+  raise ValueError(f"unknown network {name!r} (config.model.name): choose one of {NETWORKS}")
+
+
+def count_params(params: Mapping) -> int:
+  """Number of scalars in a params pytree (works on jax.eval_shape's ShapeDtypeStructs too)."""
+  return int(sum(np.prod(leaf.shape, dtype=np.int64) for leaf in jax.tree_util.tree_leaves(params)))

@@ -1,0 +1,222 @@
+"""DiT with adaLN-Zero conditioning on (t, s, class), as in the IMM release (reference_networks.md "DiT").
+
+Parameter names follow the reference state dict (``model.`` prefix dropped, ``.`` -> ``/``, list
+index -> ``_i``): ``x_embedder`` (the patch conv), ``t_embedder/mlp_0``, ``t_embedder/mlp_2``,
+``s_embedder/...``, ``y_embedder/embedding_table``, ``blocks_{i}/attn/qkv``, ``blocks_{i}/attn/proj``,
+``blocks_{i}/mlp/fc1``, ``blocks_{i}/mlp/fc2``, ``blocks_{i}/adaLN_modulation`` (torch
+``adaLN_modulation.1``), ``final_layer/adaLN_modulation``, ``final_layer/linear``. ``pos_embed`` is the fixed sin-cos
+constant, not a parameter; an optional ``buffers/pos_embed`` variable (1, T, hidden) replaces it (only
+for reference state dicts whose pos_embed is not that table).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imm_jax.models.layers import (dit_timestep_frequencies, layer_norm, precise_cos_sin,
+                                   xavier_uniform, xavier_uniform_flat)
+
+Dtype = Any
+
+# (patch, hidden, depth, heads) of the DiT paper; mlp_ratio 4 for all.
+_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+DIT_PRESETS = {
+    f"{name}/{patch}": dict(patch_size=patch, hidden_size=h, depth=d, num_heads=n)
+    for name, (h, d, n) in _SIZES.items() for patch in (2, 4, 8)
+}
+
+FREQUENCY_EMBEDDING_SIZE = 256
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+  """MAE's fixed 2-D sin-cos table (T, D) in float64: the first D/2 channels encode the token's column,
+  the last D/2 its row; each half is [sin(p w_i), cos(p w_i)], w_i = 10000^(-i / (D/4))."""
+  if embed_dim % 4:
+    raise ValueError(f"DiT hidden_size must be divisible by 4 for the 2-D sin-cos table, got {embed_dim}")
+  grid_w, grid_h = np.meshgrid(np.arange(grid_size, dtype=np.float64),
+                               np.arange(grid_size, dtype=np.float64))  # w varies fastest
+
+  def one_d(pos):
+    omega = np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4.0)
+    omega = 1.0 / 10000**omega
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  return np.concatenate([one_d(grid_w), one_d(grid_h)], axis=1)
+
+
+def modulate(x, shift, scale):
+  return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+class TimestepEmbedder(nn.Module):
+  """[cos, sin] frequency embedding (256, float64-grade) -> ``mlp_0`` -> SiLU -> ``mlp_2``."""
+
+  hidden_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, labels):
+    freqs = dit_timestep_frequencies(FREQUENCY_EMBEDDING_SIZE)
+    cos, sin = precise_cos_sin(labels, freqs)
+    emb = jnp.concatenate([cos, sin], axis=-1)
+    init = nn.initializers.normal(0.02)
+    h = nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="mlp_0")(emb)
+    h = nn.silu(h)
+    h = nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="mlp_2")(h)
+    return h.astype(jnp.float32)
+
+
+class LabelEmbedder(nn.Module):
+  """Class table; row ``num_classes`` is the null (unconditional) class."""
+
+  num_rows: int
+  hidden_size: int
+
+  @nn.compact
+  def __call__(self, labels):
+    table = self.param("embedding_table", nn.initializers.normal(0.02),
+                       (self.num_rows, self.hidden_size), jnp.float32)
+    return jnp.take(table, labels, axis=0)
+
+
+class Attention(nn.Module):
+  """timm Attention: ``qkv`` (bias) with output layout [3][heads][head_dim], softmax(q k^T / sqrt(d)) v,
+  ``proj``."""
+
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    b, n, c = x.shape
+    hd = c // self.num_heads
+    qkv = nn.Dense(3 * c, kernel_init=xavier_uniform(), dtype=self.dtype, name="qkv")(x)
+    qkv = qkv.reshape(b, n, 3, self.num_heads, hd)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    a = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    a = a.reshape(b, n, c)
+    return nn.Dense(c, kernel_init=xavier_uniform(), dtype=self.dtype, name="proj")(a)
+
+
+class Mlp(nn.Module):
+  hidden_features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    h = nn.Dense(self.hidden_features, kernel_init=xavier_uniform(), dtype=self.dtype, name="fc1")(x)
+    h = nn.gelu(h, approximate=True)
+    return nn.Dense(c, kernel_init=xavier_uniform(), dtype=self.dtype, name="fc2")(h)
+
+
+class DiTBlock(nn.Module):
+  """adaLN-Zero block: x += gate_msa attn(mod(norm1 x)); x += gate_mlp mlp(mod(norm2 x))."""
+
+  hidden_size: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x, c):
+    mod = nn.Dense(6 * self.hidden_size, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                   name="adaLN_modulation")(nn.silu(c))
+    mod = mod.astype(jnp.float32)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
+    h = modulate(layer_norm(x), shift_msa, scale_msa)
+    h = Attention(self.num_heads, dtype=self.dtype, attention_impl=self.attention_impl,
+                  name="attn")(h.astype(self.dtype))
+    x = x + gate_msa[:, None, :] * h.astype(jnp.float32)
+    h = modulate(layer_norm(x), shift_mlp, scale_mlp)
+    h = Mlp(int(self.hidden_size * self.mlp_ratio), dtype=self.dtype, name="mlp")(h.astype(self.dtype))
+    return x + gate_mlp[:, None, :] * h.astype(jnp.float32)
+
+
+class FinalLayer(nn.Module):
+  hidden_size: int
+  out_features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c):
+    mod = nn.Dense(2 * self.hidden_size, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                   name="adaLN_modulation")(nn.silu(c)).astype(jnp.float32)
+    shift, scale = jnp.split(mod, 2, axis=-1)
+    h = modulate(layer_norm(x), shift, scale)
+    return nn.Dense(self.out_features, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                    name="linear")(h.astype(self.dtype))
+
+
+class DiT(nn.Module):
+  """Diffusion transformer G(x, c_t, c_s, y) on NHWC inputs (IMM's DiT; out_channels = in_channels).
+
+  ``labels``: int (N,) with ``num_classes`` meaning null, or None (every row null). The table has
+  num_classes + 1 rows, + 1 unused row when ``extra_null_row`` (the reference adds it when trained with
+  its internal label dropout; kept only so such checkpoints load).
+  """
+
+  input_size: int
+  in_channels: int
+  patch_size: int = 2
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  num_classes: int = 0
+  s_embed: bool = True
+  extra_null_row: bool = False
+  dtype: Dtype = jnp.float32
+  attention_impl: str | None = None
+
+  @nn.compact
+  def __call__(self, x, c_t, c_s, labels=None, train: bool = False):
+    del train  # no dropout in DiT
+    n, hgt, wid, ch = x.shape
+    p = self.patch_size
+    if hgt != self.input_size or wid != self.input_size or ch != self.in_channels:
+      raise ValueError(f"DiT built for {self.input_size}x{self.input_size}x{self.in_channels} inputs, "
+                       f"got {x.shape[1:]}")
+    if hgt % p:
+      raise ValueError(f"DiT input_size {hgt} is not divisible by patch_size {p}")
+    gh = hgt // p
+
+    tokens = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID",
+                     kernel_init=xavier_uniform_flat(), dtype=self.dtype,
+                     name="x_embedder")(x.astype(self.dtype))
+    tokens = tokens.reshape(n, gh * gh, self.hidden_size).astype(jnp.float32)
+    if self.has_variable("buffers", "pos_embed"):
+      # A reference pos_embed that is not the sin-cos table (see convert.reference.variables_from_state_dict).
+      pos = jnp.asarray(self.get_variable("buffers", "pos_embed"), jnp.float32).reshape(gh * gh, -1)
+    else:
+      pos = jnp.asarray(get_2d_sincos_pos_embed(self.hidden_size, gh).astype(np.float32))
+    tokens = tokens + pos[None]
+
+    c_t = jnp.broadcast_to(jnp.asarray(c_t, jnp.float32).reshape(-1), (n,))
+    c = TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="t_embedder")(c_t)
+    if self.s_embed and c_s is not None:
+      c_s = jnp.broadcast_to(jnp.asarray(c_s, jnp.float32).reshape(-1), (n,))
+      c = c + TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="s_embedder")(c_s)
+    if labels is None:
+      labels = jnp.full((n,), self.num_classes, jnp.int32)
+    num_rows = self.num_classes + 1 + int(self.extra_null_row)
+    c = c + LabelEmbedder(num_rows, self.hidden_size, name="y_embedder")(labels)
+
+    h = tokens
+    for i in range(self.depth):
+      h = DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, dtype=self.dtype,
+                   attention_impl=self.attention_impl, name=f"blocks_{i}")(h, c)
+    h = FinalLayer(self.hidden_size, p * p * self.in_channels, dtype=self.dtype,
+                   name="final_layer")(h, c)
+    # Unpatchify: per token the outputs are (p_row, p_col, channel).
+    h = h.astype(jnp.float32).reshape(n, gh, gh, p, p, self.in_channels)
+    h = h.transpose(0, 1, 3, 2, 4, 5).reshape(n, hgt, wid, self.in_channels)
+    return h

@@ -1,0 +1,215 @@
+"""Building blocks shared by the networks: initialisers, sinusoidal embeddings, norms, convs, resampling.
+
+Everything here mirrors a PyTorch operation of the reference code (EDM's ``networks.py`` and the DiT
+``models.py`` as adapted by IMM) so that the networks compute the same function; layouts are NHWC.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+# --------------------------------------------------------------------------------------------------
+# Initialisers (PyTorch's fan conventions).
+
+
+def xavier_uniform(gain: float = 1.0):
+  """U(-a, a) with a = gain * sqrt(6 / (fan_in + fan_out)); for an HWIO kernel the fans include kh*kw,
+  as in EDM's ``weight_init`` and torch.nn.init.xavier_uniform_ on a conv weight."""
+  return nn.initializers.variance_scaling(gain * gain, "fan_avg", "uniform")
+
+
+def xavier_uniform_flat():
+  """xavier_uniform_ on a conv kernel viewed as a Linear (out, in*kh*kw), as DiT's patch embedding:
+  fan_in = in*kh*kw, fan_out = out (not out*kh*kw)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    fan_in = int(np.prod(shape[:-1]))
+    fan_out = int(shape[-1])
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
+
+  return init
+
+
+# --------------------------------------------------------------------------------------------------
+# Sinusoidal embeddings with float64-grade arguments.
+
+_DIGIT_BASE = 64
+_DIGITS = 3
+
+
+def precise_cos_sin(labels, freqs: np.ndarray):
+  """cos(labels * freqs) and sin(labels * freqs), shape (N, F), float32, accurate as if computed in float64.
+
+  The reference evaluates these embeddings in float64 from float32 noise labels up to ~1000; plain
+  float32 would be off by up to ~1000 * 2^-24 ~ 6e-5 per entry. The label is split as n + r with
+  n = floor(|label|) and r in [0, 1): cos/sin of r*f is accurate in float32, and the rotation by n*f is
+  composed from float64-precomputed tables of the base-64 digits of n (exact for |label| < 2^18;
+  beyond that the remaining high part is applied in plain float32).
+  """
+  freqs = np.asarray(freqs, np.float64)
+  labels = jnp.asarray(labels, jnp.float32)
+  sign = jnp.where(labels < 0, -1.0, 1.0).astype(jnp.float32)[:, None]
+  mag = jnp.abs(labels)
+  n = jnp.floor(mag)
+  r = (mag - n)[:, None]
+  f32 = jnp.asarray(freqs.astype(np.float32))
+  cos_acc, sin_acc = jnp.cos(r * f32), jnp.sin(r * f32)
+
+  n_int = jnp.minimum(n, 2.0**30).astype(jnp.int32)
+  for k in range(_DIGITS):
+    digit = (n_int // (_DIGIT_BASE**k)) % _DIGIT_BASE
+    angles = (_DIGIT_BASE**k) * np.arange(_DIGIT_BASE, dtype=np.float64)[:, None] * freqs[None, :]
+    c = jnp.asarray(np.cos(angles).astype(np.float32))[digit]
+    s = jnp.asarray(np.sin(angles).astype(np.float32))[digit]
+    cos_acc, sin_acc = cos_acc * c - sin_acc * s, sin_acc * c + cos_acc * s
+  high = (n_int // (_DIGIT_BASE**_DIGITS)).astype(jnp.float32)[:, None] * float(_DIGIT_BASE**_DIGITS)
+  c, s = jnp.cos(high * f32), jnp.sin(high * f32)
+  cos_acc, sin_acc = cos_acc * c - sin_acc * s, sin_acc * c + cos_acc * s
+  return cos_acc, sign * sin_acc
+
+
+def dit_timestep_frequencies(dim: int, max_period: float = 10000.0) -> np.ndarray:
+  """DiT / GLIDE: f_i = exp(-ln(max_period) i / (dim/2)), i = 0..dim/2-1 (float64)."""
+  half = dim // 2
+  return np.exp(-math.log(max_period) * np.arange(half, dtype=np.float64) / half)
+
+
+def edm_positional_frequencies(num_channels: int, max_positions: float = 10000.0,
+                               endpoint: bool = True) -> np.ndarray:
+  """EDM PositionalEmbedding: f_i = (1/max_positions)^(i / (C/2 - endpoint)) (float64)."""
+  half = num_channels // 2
+  return (1.0 / max_positions) ** (np.arange(half, dtype=np.float64) / (half - (1 if endpoint else 0)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation (statistics in float32, biased variance as torch).
+
+
+def layer_norm(x, eps: float = 1e-6):
+  """LayerNorm over the last axis without affine parameters, in float32."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  xc = x - mean
+  var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+  return xc * jax.lax.rsqrt(var + eps)
+
+
+class GroupNorm(nn.Module):
+  """EDM GroupNorm: groups = min(num_groups, C // min_channels_per_group), affine, stats in float32.
+
+  Params: ``scale`` (torch ``weight``) and ``bias``. Returns float32.
+  """
+
+  num_groups: int = 32
+  min_channels_per_group: int = 4
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    groups = min(self.num_groups, c // self.min_channels_per_group)
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    x = x.astype(jnp.float32)
+    xg = x.reshape(x.shape[:-1] + (groups, c // groups))
+    axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)
+    mean = jnp.mean(xg, axis=axes, keepdims=True)
+    xc = xg - mean
+    var = jnp.mean(xc * xc, axis=axes, keepdims=True)
+    y = (xc * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
+    return y * scale + bias
+
+
+# --------------------------------------------------------------------------------------------------
+# EDM's Conv2d with optional up/down resampling (NHWC).
+
+
+def resample_filter_2d(resample_filter: Sequence[float]) -> np.ndarray:
+  """outer(f, f) / sum(f)^2 as float32 (the reference ``resample_filter`` buffer, without its 1x1 dims)."""
+  f = np.asarray(resample_filter, np.float32)
+  return (np.outer(f, f) / np.square(f.sum())).astype(np.float32)
+
+
+def _depthwise(x, f2d: np.ndarray, *, stride: int, padding, lhs_dilation: int = 1):
+  c = x.shape[-1]
+  k = jnp.asarray(np.tile(f2d[:, :, None, None], (1, 1, 1, c)), x.dtype)  # HWIO, I = 1 (grouped)
+  return jax.lax.conv_general_dilated(
+      x, k, window_strides=(stride, stride), padding=padding, lhs_dilation=(lhs_dilation,) * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+
+
+def downsample(x, f2d: np.ndarray):
+  """conv2d(x, f tiled per channel, groups=C, stride=2, padding=(k-1)//2)."""
+  p = (f2d.shape[0] - 1) // 2
+  return _depthwise(x, f2d, stride=2, padding=((p, p), (p, p)))
+
+
+def upsample(x, f2d: np.ndarray):
+  """conv_transpose2d(x, 4 f tiled per channel, groups=C, stride=2, padding=(k-1)//2)."""
+  k = f2d.shape[0]
+  p = k - 1 - (k - 1) // 2
+  return _depthwise(x, (4.0 * f2d)[::-1, ::-1], stride=1, padding=((p, p), (p, p)), lhs_dilation=2)
+
+
+def conv2d(x, kernel, padding: int):
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(1, 1), padding=((padding, padding), (padding, padding)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class Conv2d(nn.Module):
+  """EDM Conv2d: optional depthwise up/down resampling by ``resample_filter``, then a k x k conv with
+  'same' padding k // 2 (kernel == 0: resampling only). ``fused_resample`` is the NCSN++ variant
+  (down: conv with padding k//2 + (f-1)//2, then the stride-2 filter).
+
+  Params: ``kernel`` (HWIO; torch (out, in, kh, kw)) and ``bias``.
+  """
+
+  features: int
+  kernel_size: int
+  use_bias: bool = True
+  up: bool = False
+  down: bool = False
+  resample_filter: Sequence[float] = (1, 1)
+  fused_resample: bool = False
+  kernel_init: Any = xavier_uniform()
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.up and self.down:
+      raise ValueError("Conv2d: up and down are exclusive")
+    cin = x.shape[-1]
+    ks = self.kernel_size
+    w = self.param("kernel", self.kernel_init, (ks, ks, cin, self.features), jnp.float32) if ks else None
+    b = (self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+         if ks and self.use_bias else None)
+    f2d = resample_filter_2d(self.resample_filter) if (self.up or self.down) else None
+    x = x.astype(self.dtype)
+    w_pad = ks // 2
+    if self.fused_resample and self.up and w is not None:
+      raise ValueError("Conv2d: fused up-resampling is not used by SongUNet and is not implemented")
+    if self.fused_resample and self.down and w is not None:
+      f_pad = (f2d.shape[0] - 1) // 2
+      x = conv2d(x, w.astype(self.dtype), w_pad + f_pad)
+      x = _depthwise(x, f2d, stride=2, padding=((0, 0), (0, 0)))
+    else:
+      if self.up:
+        x = upsample(x, f2d)
+      if self.down:
+        x = downsample(x, f2d)
+      if w is not None:
+        x = conv2d(x, w.astype(self.dtype), w_pad)
+    if b is not None:
+      x = x + b.astype(self.dtype)
+    return x

@@ -1,0 +1,157 @@
+"""Sample a trained (or converted) model with its EMA parameters.
+
+  python -m imm_jax.sample --workdir DIR --steps 2 --num 64 --out samples.npz
+  python -m imm_jax.sample --workdir DIR --noise Z.npy --labels Y.npy --cfg-scale 1.5 \\
+      --schedule uniform --steps 4 --out S.npz
+
+The .npz holds ``samples`` (float32, model space, before any decoding or clipping), ``labels`` and, for
+image data, ``images`` (uint8 NHWC); a PNG grid is written beside it (same name, .png).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A workdir written by imm_jax.train or imm_jax.convert.")
+flags.DEFINE_string("out", None, "Output .npz path (a PNG grid is written beside it).")
+flags.DEFINE_integer("steps", 1, "Number of sampling steps (network evaluations without guidance).")
+flags.DEFINE_integer("num", 64, "Number of samples (ignored when --noise is given).")
+flags.DEFINE_enum("schedule", "default", ["default", "uniform", "edm", "explicit"],
+                  "Time schedule: default = the paper's (1 step; 2 steps through eta=1.4; else uniform).")
+flags.DEFINE_list("mid_etas", [], "Mid-point etas for --schedule=explicit (steps - 1 values), e.g. 1.4.")
+flags.DEFINE_enum("sampler", "pushforward", ["pushforward", "restart"], "Sampler.")
+flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale w (conditional models; 1 = none). "
+                   "Default: the training config's sample.cfg_scale.")
+flags.DEFINE_integer("seed", 0, "Seed for the prior noise, random labels and restart noise.")
+flags.DEFINE_string("noise", None, "Initial noise, .npy of shape (N, *sample_shape) (NHWC), used as is.")
+flags.DEFINE_string("labels", None, "Class ids, .npy of shape (N,); num_classes means unconditional.")
+flags.DEFINE_integer("batch_size", 256, "Samples per device batch.")
+flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step to load (default: latest).")
+flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _load_array(path: str, flag: str):
+  import numpy as np
+  if not os.path.exists(path):
+    _fail(f"--{flag}={path}: file not found")
+  try:
+    return np.load(path, allow_pickle=False)
+  except Exception as e:  # a corrupt or non-.npy file
+    _fail(f"--{flag}={path}: not a readable .npy array ({e})")
+
+
+def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: str = "default",
+                   mid_etas=(), sampler: str = "pushforward", cfg_scale: float | None = None, seed: int = 0,
+                   noise=None, labels=None, batch_size: int = 256, checkpoint_step: int | None = None,
+                   overwrite: bool = False, progress: bool = True) -> dict:
+  """Generate samples and write ``out`` (.npz) and its PNG grid atomically. Returns the arrays."""
+  import jax
+  import numpy as np
+  from tqdm import tqdm
+
+  from imm_jax import checkpoints, images as images_lib, sampling
+  from imm_jax import data as data_lib
+  from imm_jax.builder import build_model
+  from imm_jax.trainer import render
+
+  if not out.endswith(".npz"):
+    raise ValueError(f"--out={out} must end with .npz")
+  if os.path.exists(out) and not overwrite:
+    raise FileExistsError(f"--out={out} exists; choose another path or pass --overwrite")
+  config = checkpoints.read_config(workdir)
+  model = build_model(config)
+  params, ckpt_step = checkpoints.restore_ema_params(workdir, model.abstract_params(), checkpoint_step)
+  sigma_d = model.precond.sigma_d
+  key = jax.random.key(seed)
+  k_noise, k_labels, k_restart = jax.random.split(key, 3)
+
+  if noise is not None:
+    noise = np.asarray(noise, np.float32)
+    if noise.shape[1:] != model.input_shape:
+      raise ValueError(f"--noise has shape {noise.shape}; this model needs (N, {', '.join(map(str, model.input_shape))})"
+                       f" (NHWC for images)")
+    num = noise.shape[0]
+  else:
+    noise = np.asarray(sampling.prior_noise(k_noise, (num,) + model.input_shape, sigma_d))
+  if model.null_label is None:
+    if labels is not None and np.any(np.asarray(labels) != 0):
+      raise ValueError("--labels given but the model is unconditional (config.model.class_conditional=False)")
+    labels = None
+  elif labels is not None:
+    labels = np.asarray(labels)
+    if labels.shape != (num,) or not np.issubdtype(labels.dtype, np.integer):
+      raise ValueError(f"--labels must be integer class ids of shape ({num},), got {labels.dtype} {labels.shape}")
+    if labels.min() < 0 or labels.max() > model.num_classes:
+      raise ValueError(f"--labels must lie in [0, {model.num_classes}] ({model.num_classes} = unconditional)")
+    labels = labels.astype(np.int32)
+  else:
+    labels = np.asarray(jax.random.randint(k_labels, (num,), 0, model.num_classes), np.int32)
+
+  eps, T = float(config.imm.eps), float(config.imm.T)
+  times = sampling.make_schedule(schedule, steps, model.precond.interpolant, eps, T,
+                                 mid_etas=[float(e) for e in mid_etas] or None)
+  scale = float(config.sample.get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale)
+  guided = model.null_label is not None and scale != 1.0
+  chunks = []
+  for start in tqdm(range(0, num, batch_size), desc=f"sampling {steps} step(s)", unit="batch",
+                    disable=not progress):
+    sl = slice(start, min(start + batch_size, num))
+    out_chunk = sampling.generate(model.net, params, model.precond, noise[sl], times,
+                                  None if labels is None else labels[sl], scale,
+                                  jax.random.fold_in(k_restart, start), sampler=sampler, guided=guided,
+                                  null_label=model.null_label)
+    chunks.append(np.asarray(jax.device_get(out_chunk), np.float32))
+  samples = np.concatenate(chunks)
+  result = {"samples": samples, "times": times, "step": np.int64(ckpt_step)}
+  if labels is not None:
+    result["labels"] = labels
+  if model.kind == "image":
+    result["images"] = data_lib.to_uint8(samples)
+  _save_npz_atomic(out, result)
+  images_lib.save_png(out[:-4] + ".png", render(model, samples[:256]))
+  return result
+
+
+def _save_npz_atomic(path: str, arrays: dict):
+  import numpy as np
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  noise = _load_array(FLAGS.noise, "noise") if FLAGS.noise else None
+  labels = _load_array(FLAGS.labels, "labels") if FLAGS.labels else None
+  try:
+    result = sample_to_file(FLAGS.workdir, FLAGS.out, steps=FLAGS.steps, num=FLAGS.num,
+                            schedule=FLAGS.schedule, mid_etas=FLAGS.mid_etas, sampler=FLAGS.sampler,
+                            cfg_scale=FLAGS.cfg_scale, seed=FLAGS.seed, noise=noise, labels=labels,
+                            batch_size=FLAGS.batch_size, checkpoint_step=FLAGS.checkpoint_step,
+                            overwrite=FLAGS.overwrite)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    _fail(str(e))
+  print(f"wrote {result['samples'].shape[0]} samples to {FLAGS.out} (and {FLAGS.out[:-4]}.png) "
+        f"from checkpoint step {int(result['step'])}")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

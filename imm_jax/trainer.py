@@ -1,0 +1,365 @@
+"""The one trainer: ``train_and_evaluate(config, workdir)`` for every objective.
+
+A single jit-compiled step (``update_fn(state, batch) -> (state, metrics)``) with the state donated,
+shardings given at the jit boundary, and all randomness derived from (seed, step) so that a resumed
+run continues exactly where an uninterrupted one would be.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from imm_jax import checkpoints, parallel
+from imm_jax import data as data_lib
+from imm_jax import images as images_lib
+from imm_jax import sampling
+from imm_jax.builder import Model, build_model
+from imm_jax.evaluation import distances
+from imm_jax.objectives import make_objective
+from imm_jax.writers import MetricWriter
+
+log = logging.getLogger(__name__)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+  """AdamW / RAdam / Adam with optional linear warmup, cosine decay and global-norm clipping."""
+  lr = float(cfg.lr)
+  warmup = int(cfg.get("warmup_steps", 0))
+  if cfg.get("schedule", "constant") == "cosine":
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(num_steps, warmup + 1))
+  elif warmup > 0:
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
+                                    [warmup])
+  else:
+    schedule = lr
+  b1, b2, eps, wd = float(cfg.b1), float(cfg.b2), float(cfg.eps), float(cfg.weight_decay)
+  if cfg.name == "adamw":
+    tx = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=wd)
+  elif cfg.name == "radam":
+    tx = optax.chain(optax.scale_by_radam(b1=b1, b2=b2, eps=eps), optax.add_decayed_weights(wd),
+                     optax.scale_by_learning_rate(schedule))
+  elif cfg.name == "adam":
+    tx = optax.adam(schedule, b1=b1, b2=b2, eps=eps)
+  else:
+    raise ValueError(f"unknown optimizer {cfg.name!r} (config.optim.name): choose adamw, radam or adam")
+  clip = float(cfg.get("grad_clip", 0.0))
+  return optax.chain(optax.clip_by_global_norm(clip), tx) if clip > 0 else tx
+
+
+def ema_decay_at(step, decay: float, warmup: bool):
+  """EMA rate; with warmup the rate ramps as (1 + step) / (10 + step) so short runs are not
+  dominated by the initialisation."""
+  if not warmup:
+    return jnp.asarray(decay, jnp.float32)
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def _split_micro(v, accum: int, group: int):
+  """(B, ...) -> (accum, B / accum, ...), micro-batch j taking groups j, j + accum, ... so that each
+  micro-batch keeps the device layout of whole groups."""
+  g = v.shape[0] // group
+  v = v.reshape((g // accum, accum, group) + v.shape[1:])
+  v = jnp.moveaxis(v, 1, 0)
+  return v.reshape((accum, (g // accum) * group) + v.shape[3:])
+
+
+def make_update_fn(objective, tx, config):
+  """update_fn(state, batch) -> (state, metrics), the whole training step."""
+  base_key = jax.random.key(int(config.seed))
+  accum = int(config.get("grad_accum_steps", 1))
+  ema_decay, ema_warmup = float(config.ema.decay), bool(config.ema.warmup)
+  grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+
+  def update_fn(state: TrainState, batch):
+    rng = jax.random.fold_in(base_key, state.step)
+    k_prep, k_net = jax.random.split(rng)
+    inputs = objective.prepare(batch, k_prep)
+    if accum == 1:
+      (_, metrics), grads = grad_fn(state.params, inputs, k_net)
+    else:
+      micro = jax.tree.map(lambda v: _split_micro(v, accum, objective.group_size), inputs)
+
+      def body(carry, xs):
+        i, mb = xs
+        (_, met), gr = grad_fn(state.params, mb, jax.random.fold_in(k_net, i))
+        return jax.tree.map(jnp.add, carry, (gr, met)), None
+
+      first = jax.tree.map(lambda v: v[0], micro)
+      shapes = jax.eval_shape(lambda: grad_fn(state.params, first, k_net))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
+      (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+      grads, metrics = jax.tree.map(lambda v: v / accum, (grads, metrics))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = ema_decay_at(state.step, ema_decay, ema_warmup)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
+    return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
+
+  return update_fn
+
+
+def init_state(model: Model, tx, seed: int) -> TrainState:
+  params = model.init_params(jax.random.key(seed))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                    opt_state=tx.init(params))
+
+
+class Preemption:
+  """SIGTERM (and the platform's preemption notice via Orbax) -> save at the next step and exit."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread (e.g. a notebook worker): rely on Orbax's notice only
+      self._previous = None
+    return self
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def sample_grid_noise(model: Model, num: int, seed: int):
+  """Fixed prior noise and labels for the periodic sample grids (the same images every time)."""
+  key = jax.random.key(seed + 7919)
+  noise = sampling.prior_noise(key, (num,) + model.input_shape, model.precond.sigma_d)
+  labels = None
+  if model.null_label is not None:
+    labels = jnp.arange(num, dtype=jnp.int32) % model.num_classes
+  return noise, labels
+
+
+def generate_samples(model: Model, params, noise, labels, steps: int, config, *, rng=None) -> np.ndarray:
+  cfg = config.sample
+  mid_etas = [float(e) for e in cfg.get("mid_etas", ())] if cfg.schedule == "explicit" else None
+  times = sampling.make_schedule(cfg.schedule, steps, model.precond.interpolant, float(config.imm.eps),
+                                 float(config.imm.T), mid_etas=mid_etas)
+  guided = model.null_label is not None and float(cfg.get("cfg_scale", 1.0)) != 1.0
+  out = sampling.generate(model.net, params, model.precond, noise, times, labels,
+                          float(cfg.get("cfg_scale", 1.0)), rng, sampler=cfg.get("sampler", "pushforward"),
+                          guided=guided, null_label=model.null_label)
+  return np.asarray(jax.device_get(out), np.float32)
+
+
+def render(model: Model, samples: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+  """A picture of samples: an image grid (tiny images upscaled) or a 2-D scatter plot."""
+  if model.kind == "points":
+    return images_lib.scatter_image(samples, extent=1.5, reference=reference)
+  grid = images_lib.make_grid(data_lib.to_uint8(samples))
+  factor = max(1, 256 // max(grid.shape[:2]))
+  return images_lib.upscale_nearest(grid, factor) if factor > 1 else grid
+
+
+def sample_quality(model: Model, params, config, eval_x: np.ndarray, steps_list) -> dict[str, float]:
+  """Energy distance (and RBF MMD^2) between model samples and held-out real data, per step count."""
+  n = eval_x.shape[0]
+  noise, labels = sample_grid_noise(model, n, int(config.seed) + 1)
+  out = {}
+  flat_ref = eval_x.reshape(n, -1)
+  for steps in steps_list:
+    samples = generate_samples(model, params, noise, labels, steps, config,
+                               rng=jax.random.key(int(config.seed) + steps))
+    flat = samples.reshape(n, -1)
+    out[f"energy_{steps}step"] = distances.energy_distance(flat, flat_ref)
+    out[f"mmd_{steps}step"] = distances.mmd_rbf(flat, flat_ref)
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Train (resuming from ``workdir`` when it holds a checkpoint), write samples and metrics.
+
+  Returns the final evaluation figures.
+  """
+  workdir = os.path.abspath(workdir)
+  is_main = jax.process_index() == 0
+  config = ml_collections.ConfigDict(config)
+  info = data_lib.get_info(config.data)
+  model = build_model(config, info)
+  mesh = parallel.create_mesh(int(config.mesh.data), int(config.mesh.fsdp))
+  num_steps = int(config.num_steps)
+  tx = make_optimizer(config.optim, num_steps)
+  objective = make_objective(config, model.net, model.precond, model.null_label)
+  accum = int(config.get("grad_accum_steps", 1))
+  parallel.check_batch_layout(int(config.batch_size), objective.group_size, mesh, accum)
+  checkpoints.write_config(workdir, config)
+
+  abstract = jax.eval_shape(functools.partial(init_state, model, tx, int(config.seed)))
+  state_sh = parallel.state_shardings(mesh, abstract, int(config.mesh.fsdp_min_size))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+  local_batch = int(config.batch_size) // jax.process_count()
+  data_iter = data_lib.create_train_iterator(
+      config.data, local_batch_size=local_batch, seed=int(config.seed),
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+  manager = checkpoints.create_manager(workdir, max_to_keep=int(config.checkpoint.keep),
+                                       keep_period=config.checkpoint.get("keep_period"),
+                                       async_save=bool(config.checkpoint.get("async_save", True)))
+  writer = MetricWriter(workdir, enabled=is_main)
+  if manager.latest_step() is not None:
+    state = checkpoints.restore(manager, abstract, data_iter)
+    start = int(jax.device_get(state.step))
+    writer.truncate_after(start)
+    log.info("resumed from step %d in %s", start, workdir)
+  else:
+    state = jax.jit(functools.partial(init_state, model, tx, int(config.seed)), out_shardings=state_sh)()
+    start = 0
+    writer.write_hparams(config.to_dict())
+  n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+
+  update_fn = make_update_fn(objective, tx, config)
+  batch_sh = parallel.batch_sharding(mesh)
+  metrics_sh = parallel.replicated(mesh)
+  first = data_lib_next(data_iter)
+  batch = parallel.global_batch(first, mesh)
+  jitted = jax.jit(update_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, metrics_sh),
+                   donate_argnums=(0,))
+  compiled = jitted.lower(state, batch).compile()
+  if is_main:
+    _print_compiled_memory(compiled, n_params, config)
+
+  eval_x = None
+  eval_cfg = config.eval
+  if int(eval_cfg.num) > 0:
+    eval_x, _ = data_lib.load_eval_set(config.data, int(eval_cfg.num), seed=int(config.seed))
+  grid_noise, grid_labels = sample_grid_noise(model, int(config.sample.num), int(config.seed))
+  sample_steps = tuple(int(s) for s in config.sample.steps)
+  eval_steps = tuple(int(s) for s in eval_cfg.steps)
+
+  def periodic_outputs(step, params, final=False):
+    if not is_main:
+      return {}
+    if (step % int(config.sample_every) == 0 or final) and sample_steps:
+      pictures = {}
+      for steps in sample_steps:
+        samples = generate_samples(model, params, grid_noise, grid_labels, steps, config,
+                                   rng=jax.random.key(int(config.seed) + steps))
+        pictures[f"samples/{steps}step"] = render(model, samples, eval_x)
+      sample_dir = os.path.join(workdir, "samples")
+      os.makedirs(sample_dir, exist_ok=True)
+      for name, pic in pictures.items():
+        images_lib.save_png(os.path.join(sample_dir, f"step{step:07d}_{name.split('/')[1]}.png"), pic)
+      writer.write_images(step, pictures)
+    figures = {}
+    if eval_x is not None and (final or (int(eval_cfg.every) > 0 and step % int(eval_cfg.every) == 0)):
+      figures = sample_quality(model, params, config, eval_x, eval_steps)
+      writer.write_scalars(step, {f"eval/{k}": v for k, v in figures.items()})
+    writer.flush()
+    return figures
+
+  if start == 0 and bool(eval_cfg.get("at_start", True)) and eval_x is not None and is_main:
+    initial = sample_quality(model, state.ema_params, config, eval_x, eval_steps)
+    writer.write_scalars(0, {f"eval_init/{k}": v for k, v in initial.items()})
+    _print_figures("untrained model", initial)
+
+  pending = first
+  last_metrics = None
+  figures: dict[str, float] = {}
+  t_last, steps_since = time.perf_counter(), 0
+  bar = tqdm(total=num_steps, initial=start, desc="train", unit="step", disable=not is_main,
+             dynamic_ncols=True, mininterval=1.0)
+  with Preemption() as preempt:
+    step = start
+    while step < num_steps:
+      local = pending if pending is not None else data_lib_next(data_iter)
+      pending = None
+      state, metrics = compiled(state, parallel.global_batch(local, mesh))
+      step += 1
+      steps_since += 1
+      bar.update(1)
+      stop = preempt.requested or manager.reached_preemption(step)
+      if step % int(config.log_every) == 0 or step == num_steps or stop:
+        last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(last_metrics, step, workdir)
+        now = time.perf_counter()
+        last_metrics["steps_per_sec"] = steps_since / max(now - t_last, 1e-9)
+        t_last, steps_since = now, 0
+        writer.write_scalars(step, {f"train/{k}": v for k, v in last_metrics.items()})
+        bar.set_postfix(loss=f"{last_metrics['loss']:.4g}")
+      if step % int(config.checkpoint.every) == 0 or step == num_steps or stop:
+        if last_metrics is None or step % int(config.log_every):
+          _check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step, workdir)
+        checkpoints.save(manager, step, state, data_iter, force=True)
+      if stop:
+        log.warning("preemption requested: saved step %d, exiting", step)
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        return {}
+      if step % int(config.sample_every) == 0 or (int(eval_cfg.every) > 0 and step % int(eval_cfg.every) == 0):
+        if step != num_steps:
+          periodic_outputs(step, state.ema_params)
+    bar.close()
+  figures = periodic_outputs(num_steps, state.ema_params, final=True)
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  if is_main and figures:
+    _print_figures(f"EMA model after {num_steps} steps", figures)
+  return figures
+
+
+def data_lib_next(it):
+  return next(it)
+
+
+def _check_finite(metrics: dict[str, float], step: int, workdir: str):
+  bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+  if bad:
+    raise FloatingPointError(
+        f"non-finite training metrics at step {step}: {bad}; stopped without saving, so the last good "
+        f"checkpoint in {checkpoints.checkpoint_dir(workdir)} is kept (lower config.optim.lr or set "
+        f"config.optim.grad_clip)")
+
+
+def _print_compiled_memory(compiled, n_params: int, config):
+  mem = None
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # some backends do not report memory
+    pass
+  line = f"model: {n_params / 1e6:.2f}M parameters; global batch {config.batch_size}"
+  if mem is not None:
+    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+             - mem.alias_size_in_bytes)
+    line += (f"; compiled step per device: arguments {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
+             f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB, total {total / 2**20:.1f} MiB")
+  print(line, flush=True)
+
+
+def _print_figures(title: str, figures: dict[str, float]):
+  print(f"sample quality ({title}) vs held-out data:", flush=True)
+  for k in sorted(figures):
+    print(f"  {k:>16s}: {figures[k]:.5f}", flush=True)
