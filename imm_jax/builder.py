@@ -33,8 +33,11 @@ class Model:
     y = jnp.zeros((batch_size,), jnp.int32) if self.null_label is not None else None
     return self.net.init({"params": rng}, x, c, c, y, train=False)["params"]
 
-  def abstract_params(self):
-    return jax.eval_shape(lambda: self.init_params(jax.random.key(0)))
+  def abstract_params(self, sharding=None):
+    """Parameter shapes (no computation), placed on ``sharding`` (default: the first device)."""
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = jax.eval_shape(lambda: self.init_params(jax.random.key(0)))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
 def data_info(config) -> data_lib.DataInfo:

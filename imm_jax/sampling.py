@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imm_jax.interpolants import Interpolant, expand_to
+from imm_jax.interpolants import Interpolant, gaussian
 from imm_jax.models.precond import Precond, denoise
 
 SCHEDULES = ("uniform", "edm", "explicit", "default")
@@ -86,7 +86,7 @@ def restart(denoise_fn: Callable, x, times, rng, interpolant: Interpolant, sigma
     i, t_cur, key = inputs
     x0 = denoise_fn(x, eps, t_cur)
     t_next = times[i + 1]
-    noise = sigma_d * jax.random.normal(key, x.shape, x.dtype)
+    noise = gaussian(key, x.shape, sigma_d, x.dtype)
     renoised = interpolant.alpha(t_next) * x0 + interpolant.sigma(t_next) * noise
     return jnp.where(i + 1 < n, renoised, x0), None
 
@@ -122,4 +122,4 @@ def generate(net, params, precond: Precond, x_init, times, labels=None, cfg_scal
 
 def prior_noise(rng, shape, sigma_d: float):
   """x ~ N(0, sigma_d^2 I): the sampler's starting point at t = T."""
-  return sigma_d * jax.random.normal(rng, shape, jnp.float32)
+  return gaussian(rng, shape, sigma_d)

@@ -116,7 +116,7 @@ def make_update_fn(objective, tx, config):
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, ema_decay, ema_warmup)
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), param_norm=optax.global_norm(params))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
     return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
 
   return update_fn
@@ -178,7 +178,7 @@ def render(model: Model, samples: np.ndarray, reference: np.ndarray | None = Non
   if model.kind == "points":
     return images_lib.scatter_image(samples, extent=1.5, reference=reference)
   grid = images_lib.make_grid(data_lib.to_uint8(samples))
-  factor = max(1, 256 // max(grid.shape[:2]))
+  factor = max(1, 512 // max(grid.shape[:2]))
   return images_lib.upscale_nearest(grid, factor) if factor > 1 else grid
 
 
@@ -241,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   update_fn = make_update_fn(objective, tx, config)
   batch_sh = parallel.batch_sharding(mesh)
   metrics_sh = parallel.replicated(mesh)
-  first = data_lib_next(data_iter)
+  first = next(data_iter)
   batch = parallel.global_batch(first, mesh)
   jitted = jax.jit(update_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, metrics_sh),
                    donate_argnums=(0,))
@@ -292,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   with Preemption() as preempt:
     step = start
     while step < num_steps:
-      local = pending if pending is not None else data_lib_next(data_iter)
+      local = pending if pending is not None else next(data_iter)
       pending = None
       state, metrics = compiled(state, parallel.global_batch(local, mesh))
       step += 1
@@ -314,25 +314,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if stop:
         log.warning("preemption requested: saved step %d, exiting", step)
         bar.close()
-        manager.wait_until_finished()
-        manager.close()
-        writer.close()
+        _close(manager, writer, data_iter)
         return {}
       if step % int(config.sample_every) == 0 or (int(eval_cfg.every) > 0 and step % int(eval_cfg.every) == 0):
         if step != num_steps:
           periodic_outputs(step, state.ema_params)
     bar.close()
   figures = periodic_outputs(num_steps, state.ema_params, final=True)
-  manager.wait_until_finished()
-  manager.close()
-  writer.close()
+  _close(manager, writer, data_iter)
   if is_main and figures:
     _print_figures(f"EMA model after {num_steps} steps", figures)
   return figures
 
 
-def data_lib_next(it):
-  return next(it)
+def _close(manager, writer, data_iter):
+  """Finish pending asynchronous saves before returning, then release files and grain workers."""
+  manager.wait_until_finished()
+  manager.close()
+  writer.close()
+  if hasattr(data_iter, "close"):
+    data_iter.close()
 
 
 def _check_finite(metrics: dict[str, float], step: int, workdir: str):

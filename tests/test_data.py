@@ -140,19 +140,39 @@ def test_batches_larger_than_the_data_run_through_whole_epochs(tmp_path):
     assert len({tuple(e) for e in epochs.tolist()}) > 1
 
 
-def test_process_shards_partition_the_training_records():
-    cfg = _toy_cfg(toy_size=300)
-    everything = next(data.create_train_iterator(cfg, local_batch_size=300, seed=0))['x']
-    shards = [
-        next(data.create_train_iterator(cfg, local_batch_size=100, seed=0, process_index=i, process_count=3))['x']
-        for i in range(3)
-    ]
-    rows = [set(_rows(s)) for s in shards]
-    assert all(len(r) == 100 for r in rows)
-    assert not (rows[0] & rows[1] or rows[0] & rows[2] or rows[1] & rows[2])
-    assert rows[0] | rows[1] | rows[2] == set(_rows(everything))
+def test_process_batches_concatenate_to_the_single_process_batch():
+    # Process i of n yields rows [i * B / n, (i + 1) * B / n) of the one-process batch of B = n * local rows,
+    # x-flips included and across epoch boundaries (digits: 1500 records, 28 batches of 64 = 1.2 epochs).
+    for cfg, global_batch, n, steps in [(_digits_cfg(x_flip=True), 64, 4, 28), (_toy_cfg(toy_size=300), 300, 3, 3)]:
+        single = _take(data.create_train_iterator(cfg, local_batch_size=global_batch, seed=0), steps)
+        per_process = [
+            _take(data.create_train_iterator(cfg, local_batch_size=global_batch // n, seed=0, process_index=i,
+                                             process_count=n), steps)
+            for i in range(n)
+        ]
+        assert all(b['x'].shape[0] == global_batch // n for p in per_process for b in p)
+        joined = [{k: np.concatenate([p[b][k] for p in per_process]) for k in ('x', 'label')} for b in range(steps)]
+        _assert_same_batches(joined, single)
     with pytest.raises(ValueError, match='process_index'):
         data.create_train_iterator(cfg, local_batch_size=4, seed=0, process_index=3, process_count=3)
+
+
+def test_each_process_reads_only_its_rows_and_restores_them(monkeypatch):
+    from imm_jax.data import sources
+
+    gathered = []
+    original = sources.ArraySource.gather
+    monkeypatch.setattr(sources.ArraySource, 'gather',
+                        lambda self, ids: gathered.append(len(ids)) or original(self, ids))
+    cfg = _digits_cfg(x_flip=True, prefetch_buffer=0)
+    it = data.create_train_iterator(cfg, local_batch_size=16, seed=3, process_index=2, process_count=4)
+    _take(it, 30)
+    assert gathered == [16] * 30  # never the whole global batch of 64
+    state = it.get_state()
+    fresh = data.create_train_iterator(cfg, local_batch_size=16, seed=3, process_index=2, process_count=4)
+    fresh.set_state(state)
+    single = _take(data.create_train_iterator(cfg, local_batch_size=64, seed=3), 32)[30:]
+    _assert_same_batches(_take(fresh, 2), [{k: v[32:48] for k, v in b.items()} for b in single])
 
 
 def test_get_state_set_state_continues_exactly():

@@ -123,6 +123,12 @@ def make_batch(n, seed=0, shape=(D,)):
           "label": jnp.asarray(rng.integers(0, NUM_CLASSES, n), jnp.int32)}
 
 
+def prepare(obj, batch, key):
+  # Eager on purpose: op-by-op compilations are cached across objectives (jit would recompile the
+  # random-number generation for every configuration), which keeps this file fast.
+  return obj.prepare(batch, key)
+
+
 def np_inputs(inputs):
   return {k: np.asarray(v, np.float64) if k != "label" else np.asarray(v) for k, v in inputs.items()}
 
@@ -132,7 +138,7 @@ def np_inputs(inputs):
 
 def test_prepare_groups_share_times_in_repeat_interleave_layout():
   obj = make_objective(k=8)
-  inputs = obj.prepare(make_batch(32), jax.random.key(0))
+  inputs = prepare(obj, make_batch(32), jax.random.key(0))
   s, r, t = (np.asarray(inputs[k]) for k in ("s", "r", "t"))
   assert s.shape == r.shape == t.shape == (32,)
   for v in (s, r, t):
@@ -144,8 +150,8 @@ def test_prepare_groups_share_times_in_repeat_interleave_layout():
 
 def test_prepare_x_t_and_x_r_share_x_and_noise():
   obj = make_objective(eps=0.006)
-  batch = make_batch(64, seed=1, shape=(4, 4, 3))  # image-shaped: per-example times broadcast over H, W, C
-  inputs = np_inputs(obj.prepare(batch, jax.random.key(1)))
+  batch = make_batch(32, seed=1, shape=(4, 4, 3))  # image-shaped: per-example times broadcast over H, W, C
+  inputs = np_inputs(prepare(obj, batch, jax.random.key(1)))
   x = np.asarray(batch["x"], np.float64)
   s, r, t = (inputs[k][:, None, None, None] for k in ("s", "r", "t"))
   noise = (inputs["x_t"] - (1 - t) * x) / t           # x_t = alpha_t x + sigma_t eps
@@ -169,39 +175,41 @@ def test_prepare_rejects_partial_groups():
 
 
 def test_label_dropout_probabilities():
-  batch = make_batch(4000, seed=2)
+  batch = make_batch(32, seed=2)
   labels = np.asarray(batch["label"])
-  all_null = np.asarray(make_objective(label_dropout=1.0).prepare(batch, jax.random.key(0))["label"])
+  all_null = np.asarray(prepare(make_objective(label_dropout=1.0), batch, jax.random.key(0))["label"])
   np.testing.assert_array_equal(all_null, NULL)
-  none = np.asarray(make_objective(label_dropout=0.0).prepare(batch, jax.random.key(0))["label"])
+  none = np.asarray(prepare(make_objective(label_dropout=0.0), batch, jax.random.key(0))["label"])
   np.testing.assert_array_equal(none, labels)
-  some = np.asarray(make_objective(label_dropout=0.1).prepare(batch, jax.random.key(0))["label"])
-  dropped = some == NULL
-  assert abs(dropped.mean() - 0.1) < 0.015                 # p = 0.1 (ImageNet)
-  np.testing.assert_array_equal(some[~dropped], labels[~dropped])
-  # drop_labels itself
-  out = np.asarray(drop_labels(jax.random.key(3), batch["label"], 1.0, NULL))
-  np.testing.assert_array_equal(out, NULL)
-  np.testing.assert_array_equal(np.asarray(drop_labels(jax.random.key(3), batch["label"], 0.0, NULL)), labels)
+  # drop_labels itself: each label independently with probability p (p = 0.1 for ImageNet)
+  many = jnp.asarray(np.random.default_rng(3).integers(0, NUM_CLASSES, 20_000), jnp.int32)
+  out = np.asarray(drop_labels(jax.random.key(3), many, 0.1, NULL))
+  dropped = out == NULL
+  assert abs(dropped.mean() - 0.1) < 0.007
+  np.testing.assert_array_equal(out[~dropped], np.asarray(many)[~dropped])
+  np.testing.assert_array_equal(np.asarray(drop_labels(jax.random.key(3), many, 1.0, NULL)), NULL)
+  np.testing.assert_array_equal(np.asarray(drop_labels(jax.random.key(3), many, 0.0, NULL)), np.asarray(many))
 
 
 def test_both_passes_get_the_same_dropped_labels_and_the_spec_time_inputs():
   calls = []
 
   def recording_apply(params, x_in, c_t, c_s, labels, rng):
-    calls.append({k: np.asarray(v, np.float64) for k, v in
-                  dict(x_in=x_in, c_t=c_t, c_s=c_s, labels=labels).items()})
+    record = lambda *a: calls.append(dict(zip(("x_in", "c_t", "c_s", "labels"),
+                                              (np.asarray(v, np.float64) for v in a))))
+    jax.debug.callback(record, x_in, c_t, c_s, labels, ordered=True)
     return net_apply(params, x_in, c_t, c_s, labels, rng)
 
+  inputs = prepare(make_objective(label_dropout=0.5, k=8), make_batch(32, seed=3), jax.random.key(4))
   for temb in ("identity", "stride"):
     calls.clear()
-    obj = make_objective(temb=temb, label_dropout=0.5, apply=recording_apply, k=6)
-    inputs = obj.prepare(make_batch(16, seed=3), jax.random.key(4))
-    obj.loss(to_jax(make_params()), inputs, jax.random.key(5))   # eager: the net sees concrete arrays
+    obj = make_objective(temb=temb, label_dropout=0.5, apply=recording_apply, k=8)
+    jax.block_until_ready(jax.jit(obj.loss)(to_jax(make_params()), inputs, jax.random.key(5)))
+    jax.effects_barrier()
     assert len(calls) == 2
     online, target = calls
     lab = np.asarray(inputs["label"])
-    assert 0 < np.sum(lab == NULL) < 16
+    assert 0 < np.sum(lab == NULL) < 32
     np.testing.assert_array_equal(online["labels"], lab)
     np.testing.assert_array_equal(target["labels"], lab)
     ni = np_inputs(inputs)
@@ -224,15 +232,15 @@ LOSS_CASES = [
     ("euler_fm", "identity", "laplace", 1.0, 4.0, 12, 0.0),    # ImageNet
     ("euler_fm", "stride", "laplace", 2.0, 4.0, 12, 0.0),      # ImageNet XL best
     ("simple_edm", "identity", "laplace", 1.0, 5.0, 15, 0.006),  # CIFAR
-    ("identity", "identity", "laplace", 1.0, 4.0, 6, 0.006),
-    ("euler_fm", "identity", "rbf", 1.0, 4.0, 6, 0.0),
+    ("identity", "identity", "laplace", 1.0, 4.0, 8, 0.006),
+    ("euler_fm", "identity", "rbf", 1.0, 4.0, 8, 0.0),
 ]
 
 
 @pytest.mark.parametrize("f_type,temb,kernel,a,b,k,eps", LOSS_CASES)
 def test_loss_matches_numpy_reference(f_type, temb, kernel, a, b, k, eps):
   obj = make_objective(f_type=f_type, temb=temb, kernel=kernel, a=a, b=b, k=k, eps=eps, label_dropout=0.3)
-  inputs = obj.prepare(make_batch(32, seed=4), jax.random.key(6))
+  inputs = prepare(obj, make_batch(32, seed=4), jax.random.key(6))
   params = make_params(1)
   loss, metrics = jax.jit(obj.loss)(to_jax(params), inputs, jax.random.key(0))
   expected = reference_loss(np, params, params, np_inputs(inputs), f_type=f_type, temb=temb, kernel=kernel,
@@ -252,27 +260,57 @@ def test_loss_is_zero_for_the_exact_point_mass_predictor():
     x = x_in * (SIGMA_D * jnp.sqrt((1 - t) ** 2 + t**2))[:, None]
     return (x - jnp.asarray(x0, jnp.float32)) / (SIGMA_D * t[:, None]) + 0 * params["u"]
 
-  obj = make_objective(k=6, eps=0.006, apply=oracle, null_label=None)
-  batch = {"x": jnp.asarray(np.broadcast_to(x0, (16, D)), jnp.float32)}
-  inputs = obj.prepare(batch, jax.random.key(7))
+  obj = make_objective(k=8, eps=0.006, apply=oracle, null_label=None)
+  batch = {"x": jnp.asarray(np.broadcast_to(x0, (32, D)), jnp.float32)}
+  inputs = prepare(obj, batch, jax.random.key(7))
   loss, metrics = jax.jit(obj.loss)(to_jax(make_params()), inputs, jax.random.key(0))
   assert abs(float(loss)) < 1e-4
   ni = np_inputs(inputs)
   np.testing.assert_allclose(float(metrics["base_case_frac"]), np.mean(ni["r"][::M] == ni["s"][::M]))
   np.testing.assert_allclose(float(metrics["t_minus_r"]), np.mean(ni["t"][::M] - ni["r"][::M]), rtol=1e-5)
   # sensitivity: a predictor that is wrong by a constant makes the loss positive
-  bad = make_objective(k=6, eps=0.006, null_label=None,
+  bad = make_objective(k=8, eps=0.006, null_label=None,
                        apply=lambda p, xi, ct, cs, y, rng: oracle(p, xi, ct, cs, y, rng) + 0.5)
   assert float(jax.jit(bad.loss)(to_jax(make_params()), inputs, jax.random.key(0))[0]) > 1e-3
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG imm_jax/objectives/imm.py (sample_times / IMMObjective.loss / time_weight): jax.random.uniform returns "
+    "exactly minval with probability 2^-23, so a group draws t = eps and then s = r = t. For such a group "
+    "c_out(s, t) = 0, the kernel scale 1/|c_out| is inf and the kernel's derivative is 0 * inf = NaN, so every "
+    "gradient is NaN (eps = 0.006, CIFAR: ~50 such groups in a 400K-step run at 1024 groups/step); with eps = 0 "
+    "the weight w(0) = sigmoid(b - inf) * 2/0 = NaN too, so the loss itself is NaN. The exact contribution of "
+    "such a group is 0 (y_t = x_t does not depend on theta). Fix: guard degenerate groups (t <= s: zero "
+    "weight / finite kernel scale) and evaluate w with its finite limit 0 at t = 0, or draw t from (eps, T] "
+    "with s < t."))
+@pytest.mark.parametrize("eps", [0.0, 0.006])
+def test_loss_finite_when_a_group_draws_t_equal_eps(eps):
+  obj = make_objective(k=12, eps=eps)
+  batch = make_batch(32, seed=4)
+  inputs = dict(prepare(obj, batch, jax.random.key(6)))
+  x = np.asarray(batch["x"][:M], np.float64)
+  for key in ("s", "r", "t"):   # group 0 draws t = eps: then s = eps + (t - eps) u = eps and r = s
+    inputs[key] = inputs[key].at[:M].set(eps)
+  n = SIGMA_D * np.random.default_rng(0).standard_normal(x.shape)
+  x_t = jnp.asarray((1 - eps) * x + eps * n, jnp.float32)
+  inputs["x_t"] = inputs["x_t"].at[:M].set(x_t)
+  inputs["x_r"] = inputs["x_r"].at[:M].set(x_t)
+  params = to_jax(make_params(1))
+  loss, grads = jax.jit(jax.value_and_grad(lambda p: obj.loss(p, inputs, jax.random.key(0))[0]))(params)
+  assert np.isfinite(float(loss))
+  # the degenerate group contributes 0 (y_t = y_r = x_t), so the loss is 3/4 of the other groups' mean
+  rest = {k: v[M:] for k, v in inputs.items()}
+  assert float(loss) == pytest.approx(0.75 * float(jax.jit(obj.loss)(params, rest, jax.random.key(0))[0]),
+                                      rel=1e-5)
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
 
 
 # -- gradients --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("f_type", ["euler_fm", "simple_edm"])
-def test_gradient_flows_through_y_t_only(f_type):
-  obj = make_objective(f_type=f_type, k=6, label_dropout=0.3)
-  inputs = obj.prepare(make_batch(16, seed=5), jax.random.key(8))
+def test_gradient_flows_through_y_t_only(f_type="simple_edm"):
+  obj = make_objective(f_type=f_type, k=8, label_dropout=0.3)
+  inputs = prepare(obj, make_batch(32, seed=5), jax.random.key(8))
   params = to_jax(make_params(2))
   g_code = jax.jit(jax.grad(lambda p: obj.loss(p, inputs, jax.random.key(0))[0]))(params)
 
@@ -290,14 +328,14 @@ def test_gradient_flows_through_y_t_only(f_type):
 
 
 def test_microbatches_of_whole_groups_average_to_the_full_batch_loss():
-  obj = make_objective(k=6, label_dropout=0.3)
-  inputs = obj.prepare(make_batch(32, seed=6), jax.random.key(9))  # 8 groups
+  obj = make_objective(k=8, label_dropout=0.3)
+  inputs = prepare(obj, make_batch(32, seed=6), jax.random.key(9))  # 8 groups
   params = to_jax(make_params(3))
   loss_fn = jax.jit(lambda p, i: obj.loss(p, i, jax.random.key(0))[0])
   grad_fn = jax.jit(jax.grad(lambda p, i: obj.loss(p, i, jax.random.key(0))[0]))
   full = float(loss_fn(params, inputs))
   g_full = grad_fn(params, inputs)
-  for chunk in (8, 16):  # 2 or 4 groups per micro-batch
+  for chunk in (8,):  # 4 micro-batches of 2 groups
     parts = [{k: v[i:i + chunk] for k, v in inputs.items()} for i in range(0, 32, chunk)]
     losses = [float(loss_fn(params, p)) for p in parts]
     assert np.mean(losses) == pytest.approx(full, rel=1e-5)
@@ -333,11 +371,17 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     net = Net()
     apply = lambda p, x, ct, cs, y, rng: net.apply({"params": p}, x, ct, cs, y)
     obj = IMMObjective(apply, Precond(Interpolant("ot_fm"), "euler_fm", "stride"),
-                       IMMConfig(group_size=4, eps=0.0, T=0.994, k=6, weight_a=2.0, weight_b=4.0))
-    x = jnp.asarray(np.random.default_rng(0).standard_normal((64, 8)), jnp.float32)
-    params = net.init(jax.random.key(0), x, jnp.ones(64), jnp.ones(64))["params"]
-    inputs = obj.prepare({"x": x}, jax.random.key(1))
-    inputs = jax.device_put(inputs, jax.devices()[0])
+                       IMMConfig(group_size=4, eps=0.0, T=0.994, k=8, weight_a=2.0, weight_b=4.0))
+    rng = np.random.default_rng(0)
+    params = {"Dense_0": {"kernel": rng.standard_normal((10, 16)) / 3, "bias": rng.standard_normal(16)},
+              "Dense_1": {"kernel": rng.standard_normal((16, 8)) / 4, "bias": rng.standard_normal(8)}}
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    # a prepared batch (the layout prepare() produces): 16 groups of 4 sharing (s, r, t)
+    t = rng.uniform(0.05, 0.994, 16); s = t * rng.uniform(size=16); r = s + (t - s) * rng.uniform(size=16)
+    x, n = rng.standard_normal((64, 8)), 0.5 * rng.standard_normal((64, 8))
+    s, r, t = (np.repeat(v, 4)[:, None] for v in (s, r, t))
+    inputs = {"x_t": (1 - t) * x + t * n, "x_r": (1 - r) * x + r * n, "s": s[:, 0], "r": r[:, 0], "t": t[:, 0]}
+    inputs = jax.device_put(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), inputs), jax.devices()[0])
     loss_fn = jax.jit(lambda p, i: obj.loss(p, i, jax.random.key(2))[0])
     grad_fn = jax.jit(jax.grad(lambda p, i: obj.loss(p, i, jax.random.key(2))[0]))
     single = float(loss_fn(params, inputs))
@@ -351,9 +395,11 @@ _SHARDED_SCRIPT = textwrap.dedent("""
       n_dev = len(ins["x_t"].sharding.device_set)
       shard_rows = ins["x_t"].addressable_shards[0].data.shape[0]
       loss = float(loss_fn(ps, ins))
-      g = grad_fn(ps, ins)
-      gdiff = max(float(jnp.abs(a - b).max() / (jnp.abs(b).max() + 1e-12))
-                  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_single)))
+      gdiff = None
+      if fsdp == 2:  # gradients once (each sharded compile costs about a second)
+        g = grad_fn(ps, ins)
+        gdiff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max() / (np.abs(np.asarray(b)).max() + 1e-12))
+                    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_single)))
       out["sharded"][str(fsdp)] = {"loss": loss, "n_dev": n_dev, "rows": shard_rows, "grad_rel": gdiff}
     print("RESULT " + json.dumps(out))
 """)
@@ -376,4 +422,4 @@ def test_loss_sharded_over_8_cpu_devices_equals_single_device(tmp_path):
     assert res["n_dev"] == 8, res
     assert res["rows"] == 8, res   # 64 rows / 8 devices = two whole groups of 4 per device
     assert res["loss"] == pytest.approx(out["single"], rel=1e-6), (fsdp, res)
-    assert res["grad_rel"] < 1e-5, (fsdp, res)
+  assert out["sharded"]["2"]["grad_rel"] < 1e-5, out

@@ -26,14 +26,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from imm_jax.models import create_network
+from imm_jax.models import MLP, DiT, SongUNet, create_network
 from imm_jax.models.dit import get_2d_sincos_pos_embed
 from imm_jax.models.layers import resample_filter_2d
 
 PREFIX = "model."
 _NOISE_SCHEDULES = {"fm": "ot_fm", "vp_cosine": "vp_cosine"}
 
-# Reference network kwargs we understand, and the values of the ones we don't implement.
+# Reference network kwargs the converter understands (some only with their default value).
 _DIT_KEYS = {"patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "num_classes", "s_embed",
              "class_dropout_prob", "img_resolution", "in_channels", "qk_norm", "skip", "temb_mult",
              "dropout", "embedding_kwargs"}
@@ -150,21 +150,17 @@ def _require(model: Mapping, key: str, value, what: str):
 # --------------------------------------------------------------------------------------------------
 # State dict -> params.
 
-_LEAF_TO_TORCH = {"kernel": "weight", "bias": "bias", "scale": "weight", "embedding_table": "weight",
-                  "freqs": "freqs"}
+_LEAF_TO_TORCH = {"kernel": "weight", "bias": "bias", "scale": "weight", "freqs": "freqs",
+                  "embedding_table": "embedding_table.weight"}
 
 
 def _module_to_torch(part: str, model_name: str) -> str:
   if model_name == "dit":
-    part = re.sub(r"^blocks_(\d+)$", r"blocks.\1", part)
-    part = re.sub(r"^mlp_(\d+)$", r"mlp.\1", part)
     if part == "adaLN_modulation":
       return "adaLN_modulation.1"
     if part == "x_embedder":
       return "x_embedder.proj"
-    if part == "y_embedder":
-      return "y_embedder.embedding_table"
-    return part
+    return re.sub(r"^(blocks|mlp)_(\d+)$", r"\1.\2", part)
   if model_name == "unet":
     return re.sub(r"^(enc|dec)_", r"\1.", part)
   return part
@@ -173,12 +169,7 @@ def _module_to_torch(part: str, model_name: str) -> str:
 def reference_key(path: tuple[str, ...], model_name: str) -> str:
   """The reference state-dict key (with ``model.``) of one of our parameter paths."""
   *mods, leaf = path
-  parts = [_module_to_torch(m, model_name) for m in mods]
-  if not (model_name == "dit" and leaf == "embedding_table"):
-    parts.append(_LEAF_TO_TORCH.get(leaf, leaf))
-  else:
-    parts.append("weight")
-  return PREFIX + ".".join(parts)
+  return PREFIX + ".".join([_module_to_torch(m, model_name) for m in mods] + [_LEAF_TO_TORCH[leaf]])
 
 
 def _to_ours(value: np.ndarray, leaf: str) -> np.ndarray:
@@ -215,7 +206,7 @@ def _convert(state_dict, module, model_cfg, *, load_pos_embed: bool):
   abstract = _abstract_params(module)
   flat = flax.traverse_util.flatten_dict(abstract)
   expected = {reference_key(path, name): path for path in flat}
-  buffers = _expected_buffers(module, model_cfg)
+  buffers = _expected_buffers(module)
 
   out, loaded_buffers = {}, {}
   for key, value in state_dict.items():
@@ -254,7 +245,6 @@ def _convert(state_dict, module, model_cfg, *, load_pos_embed: bool):
 
 
 def _example_inputs(module):
-  from imm_jax.models import DiT, MLP, SongUNet  # noqa: PLC0415
   if isinstance(module, DiT):
     x = jnp.zeros((1, module.input_size, module.input_size, module.in_channels), jnp.float32)
     labels = jnp.zeros((1,), jnp.int32) if module.num_classes else None
@@ -275,8 +265,7 @@ def _abstract_params(module):
   return shapes["params"]
 
 
-def _expected_buffers(module, model_cfg) -> dict[str, np.ndarray]:
-  from imm_jax.models import DiT  # noqa: PLC0415
+def _expected_buffers(module) -> dict[str, np.ndarray]:
   buffers = {}
   if isinstance(module, DiT):
     grid = module.input_size // module.patch_size

@@ -4,12 +4,17 @@ The training pipeline is a ``grain.MapDataset`` whose element ``b`` is batch ``b
 so that its position is one integer and the iterator is checkpointable (``get_state``/``set_state``, or
 ``grain.checkpoint.CheckpointSave``/``CheckpointRestore`` through orbax)::
 
-    MapDataset.source(ShuffledBatchIndices(len(shard), local_batch_size, seed))  # record ids of batch b
-      .map(GatherRecords(train[process_index::process_count]))   # this process' shard only
-      .random_map(x_flip)                                         # images with config.data.x_flip only
+    MapDataset.source(ShuffledBatchIndices(len(train), global_batch, seed, rows))  # this process' record ids
+      .map(GatherRecords(train))                                  # reads only those records
+      .random_map(RandomXFlip(global_batch, rows))                # images with config.data.x_flip only
       .map(to_model_space)                                        # uint8 -> float32 [-1, 1] per batch
       .to_iter_dataset(ReadOptions)                               # reader threads + prefetch buffer
       [.mp_prefetch(worker_count)]                                # worker processes when worker_count > 0
+
+Many hosts: the global batch ``B = process_count * local_batch_size`` is defined once, by the seed, as
+if one process read it; process ``i`` yields its rows ``[i * B / n, (i + 1) * B / n)`` and gathers only
+those records. So a run on n hosts sees exactly the batches (and flips) of a run on one host with the
+same global batch, and ``parallel.global_batch`` reassembles them in process order.
 
 Why not ``.shuffle(seed).repeat().batch(b)``: in grain 0.2.18 every record then pays grain's per-element
 bookkeeping (~25 us per stage: prometheus metrics, byte-size estimates) and ``index_shuffle`` (50 us per
@@ -45,24 +50,28 @@ def get_info(data_cfg) -> DataInfo:
 
 
 class ShuffledBatchIndices:
-    """Random-access source whose element ``b`` holds the record ids of batch ``b``.
+    """Random-access source whose element ``b`` holds this process' record ids of global batch ``b``.
 
-    The ids run through an infinite sequence of epochs, each a fresh permutation of ``range(num_records)``
-    drawn from ``np.random.default_rng([seed, epoch])``.
+    The ids of the global batches (``batch_size`` each) run through an infinite sequence of epochs, each a
+    fresh permutation of ``range(num_records)`` drawn from ``np.random.default_rng([seed, epoch])``;
+    element ``b`` is rows ``rows = (start, stop)`` of global batch ``b`` (all of it by default).
     """
 
-    def __init__(self, num_records: int, batch_size: int, seed: int):
+    def __init__(self, num_records: int, batch_size: int, seed: int, rows: tuple[int, int] | None = None):
         self._n = int(num_records)
         self._batch_size = int(batch_size)
         self._seed = int(seed)
+        self._rows = (0, self._batch_size) if rows is None else (int(rows[0]), int(rows[1]))
+        if not 0 <= self._rows[0] < self._rows[1] <= self._batch_size:
+            raise ValueError(f'rows={self._rows} must be a non-empty range within the batch of {batch_size}.')
         self._perms: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
     def __getstate__(self):
-        return {'n': self._n, 'batch_size': self._batch_size, 'seed': self._seed}
+        return {'n': self._n, 'batch_size': self._batch_size, 'seed': self._seed, 'rows': self._rows}
 
     def __setstate__(self, state):
-        self.__init__(state['n'], state['batch_size'], state['seed'])
+        self.__init__(state['n'], state['batch_size'], state['seed'], state['rows'])
 
     def __len__(self) -> int:
         return sys.maxsize // self._batch_size
@@ -77,9 +86,10 @@ class ShuffledBatchIndices:
             return perm
 
     def __getitem__(self, index: int) -> np.ndarray:
-        positions = np.arange(index * self._batch_size, (index + 1) * self._batch_size, dtype=np.int64)
+        start, stop = self._rows
+        positions = index * self._batch_size + np.arange(start, stop, dtype=np.int64)
         epochs, offsets = np.divmod(positions, self._n)
-        ids = np.empty(self._batch_size, np.int64)
+        ids = np.empty(stop - start, np.int64)
         for epoch in np.unique(epochs):
             in_epoch = epochs == epoch
             ids[in_epoch] = self._permutation(int(epoch))[offsets[in_epoch]]
@@ -87,22 +97,32 @@ class ShuffledBatchIndices:
 
 
 class GatherRecords:
-    """Batch of record ids (local to this process' shard) -> ``{'x': stacked, 'label': int32}``."""
+    """Batch of record ids -> ``{'x': stacked, 'label': int32}``."""
 
-    def __init__(self, source: sources.RecordSource, shard_ids: np.ndarray):
+    def __init__(self, source: sources.RecordSource):
         self._source = source
-        self._shard_ids = shard_ids
 
     def __call__(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        return self._source.gather(self._shard_ids[ids])
+        return self._source.gather(ids)
 
 
-def _random_x_flip(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Mirrors each image (NHWC) along W with probability 1/2."""
-    flip = rng.random(len(batch['x'])) < 0.5
-    x = batch['x'].copy()
-    x[flip] = x[flip, :, ::-1]
-    return dict(batch, x=x)
+class RandomXFlip:
+    """Mirrors each image (NHWC) along W with probability 1/2.
+
+    The coin flips are drawn for the whole global batch (grain seeds ``rng`` by the batch index, the same
+    on every process) and this process keeps its rows', so flips do not depend on the number of hosts.
+    """
+
+    def __init__(self, batch_size: int, rows: tuple[int, int]):
+        self._batch_size = int(batch_size)
+        self._start = int(rows[0])
+
+    def __call__(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        n = len(batch['x'])
+        flip = rng.random(self._batch_size)[self._start:self._start + n] < 0.5
+        x = batch['x'].copy()
+        x[flip] = x[flip, :, ::-1]
+        return dict(batch, x=x)
 
 
 def _derived_seeds(seed: int, n: int) -> list[int]:
@@ -112,12 +132,14 @@ def _derived_seeds(seed: int, n: int) -> list[int]:
 
 def create_train_iterator(data_cfg, *, local_batch_size: int, seed: int, process_index: int = 0,
                           process_count: int = 1) -> grain.DatasetIterator:
-    """Infinite, shuffled, checkpointable iterator over this process' shard of the training records.
+    """Infinite, shuffled, checkpointable iterator over this process' rows of the global batches.
 
     Yields ``{'x': float32 (local_batch_size, *info.shape), 'label': int32 (local_batch_size,)}`` in model
-    space; labels are 0 for unlabeled data. Same seed, same batches; process ``i`` of ``n`` reads only the
-    records ``i::n`` of the training split (all processes use the same seed: their shards are disjoint).
-    Call ``close()`` on the iterator when done with it if it uses worker processes.
+    space; labels are 0 for unlabeled data. Same seed, same batches. With ``process_count = n`` the global
+    batch is ``B = n * local_batch_size`` and process ``i`` yields rows ``[i * B / n, (i + 1) * B / n)``
+    of the batch that ``process_count=1, local_batch_size=B`` yields (all processes use the same seed),
+    reading only its own records. Call ``close()`` on the iterator when done with it if it uses worker
+    processes.
     """
     if local_batch_size <= 0:
         raise ValueError(f'local_batch_size must be positive, got {local_batch_size}.')
@@ -131,14 +153,12 @@ def create_train_iterator(data_cfg, *, local_batch_size: int, seed: int, process
     data = sources.resolve(data_cfg)
     shuffle_seed, flip_seed = _derived_seeds(seed, 2)
 
-    shard_ids = np.arange(len(data.train), dtype=np.int64)[process_index::process_count]
-    if len(shard_ids) == 0:
-        raise ValueError(f'{data.info.name}: process {process_index} of {process_count} gets no training '
-                         f'records ({len(data.train)} in all).')
-    ds = grain.MapDataset.source(ShuffledBatchIndices(len(shard_ids), local_batch_size, shuffle_seed))
-    ds = ds.map(GatherRecords(data.train, shard_ids))
+    global_batch = local_batch_size * process_count
+    rows = (process_index * local_batch_size, (process_index + 1) * local_batch_size)
+    ds = grain.MapDataset.source(ShuffledBatchIndices(len(data.train), global_batch, shuffle_seed, rows))
+    ds = ds.map(GatherRecords(data.train))
     if data.x_flip:
-        ds = ds.random_map(_random_x_flip, seed=flip_seed)
+        ds = ds.random_map(RandomXFlip(global_batch, rows), seed=flip_seed)
     ds = ds.map(data.to_model_space)
 
     threads = 0 if prefetch_buffer == 0 else (_FILE_READER_THREADS if data.reads_files else 1)

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from imm_jax.models.dit import DIT_PRESETS, DiT
@@ -23,12 +24,20 @@ NETWORKS = ("dit", "unet", "mlp")
 __all__ = ["DIT_PRESETS", "DiT", "MLP", "NETWORKS", "SongUNet", "count_params", "create_network"]
 
 
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+           "float16": jnp.float16, "fp16": jnp.float16}
+
+
 def _kwargs(model_cfg, drop: tuple[str, ...]) -> dict[str, Any]:
   items = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
   out = {}
   for k, v in items.items():
-    if k in drop:
+    if k in drop or (k == "preset" and not v):
       continue
+    if k == "dtype" and isinstance(v, str):
+      if v not in _DTYPES:
+        raise ValueError(f"unknown compute dtype {v!r} (config.model.dtype): choose one of {tuple(_DTYPES)}")
+      v = _DTYPES[v]
     out[k] = tuple(v) if isinstance(v, list) else v
   return out
 
@@ -57,9 +66,10 @@ def create_network(model_cfg, *, input_shape: tuple, num_classes: int):
 
   ``input_shape``: one example's shape, (H, W, C) for images or (D,) for vectors (a leading batch
   axis is accepted and ignored). ``num_classes``: 0 for unconditional data; the null label is
-  ``num_classes``. The remaining ``model_cfg`` fields are the network's keyword arguments; for DiT an
-  optional ``preset`` ('S/2', 'B/4', 'XL/2', ...) supplies patch_size / hidden_size / depth / num_heads,
-  which explicit fields override.
+  ``num_classes``. The remaining ``model_cfg`` fields are the network's keyword arguments (``dtype``
+  may be a string: 'float32', 'bfloat16'/'bf16', 'float16'); for DiT an optional ``preset`` ('S/2',
+  'B/4', 'XL/2', ...) supplies patch_size / hidden_size / depth / num_heads, which explicit fields
+  override (an empty preset is ignored).
   """
   name = model_cfg.name
   if name == "dit":

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imm_jax.models.layers import (dit_timestep_frequencies, layer_norm, precise_cos_sin,
+from imm_jax.models.layers import (dit_timestep_frequencies, layer_norm, normal, precise_cos_sin,
                                    xavier_uniform, xavier_uniform_flat)
 
 Dtype = Any
@@ -65,7 +65,7 @@ class TimestepEmbedder(nn.Module):
     freqs = dit_timestep_frequencies(FREQUENCY_EMBEDDING_SIZE)
     cos, sin = precise_cos_sin(labels, freqs)
     emb = jnp.concatenate([cos, sin], axis=-1)
-    init = nn.initializers.normal(0.02)
+    init = normal(0.02)
     h = nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="mlp_0")(emb)
     h = nn.silu(h)
     h = nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="mlp_2")(h)
@@ -80,7 +80,7 @@ class LabelEmbedder(nn.Module):
 
   @nn.compact
   def __call__(self, labels):
-    table = self.param("embedding_table", nn.initializers.normal(0.02),
+    table = self.param("embedding_table", normal(0.02),
                        (self.num_rows, self.hidden_size), jnp.float32)
     return jnp.take(table, labels, axis=0)
 

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imm_jax.models.layers import Conv2d, GroupNorm, edm_positional_frequencies, precise_cos_sin, xavier_uniform
+from imm_jax.models.layers import (Conv2d, GroupNorm, edm_positional_frequencies, normal, precise_cos_sin,
+                                   xavier_uniform)
 
 Dtype = Any
 
@@ -30,6 +31,13 @@ DECODER_TYPES = ("standard", "skip")
 _INIT = xavier_uniform()
 _INIT_ZERO = xavier_uniform(1e-5)
 _INIT_ATTN = xavier_uniform(float(np.sqrt(0.2)))
+
+
+def dropout(x, rate: float, rng):
+  """Inverted dropout as torch.nn.functional.dropout. The mask is drawn flat and reshaped (a 4-D draw
+  costs XLA:CPU seconds of compile time per call site, see layers.py)."""
+  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.size,)).reshape(x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 class UNetBlock(nn.Module):
@@ -58,7 +66,8 @@ class UNetBlock(nn.Module):
     params = nn.Dense(cout, kernel_init=_INIT, dtype=self.dtype, name="affine")(emb)
     h = h.astype(jnp.float32) + params.astype(jnp.float32)[:, None, None, :]
     h = nn.silu(GroupNorm(eps=self.eps, name="norm1")(h))
-    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    if train and self.dropout > 0:
+      h = dropout(h, self.dropout, self.make_rng("dropout"))
     h = Conv2d(cout, 3, kernel_init=_INIT_ZERO, dtype=self.dtype, name="conv1")(h)
     if cout != cin or self.up or self.down:
       orig = Conv2d(cout, 1, up=self.up, down=self.down, resample_filter=self.resample_filter,
@@ -89,7 +98,7 @@ class FourierFrequencies(nn.Module):
 
   @nn.compact
   def __call__(self, labels):
-    freqs = self.param("freqs", nn.initializers.normal(self.scale), (self.num_channels // 2,), jnp.float32)
+    freqs = self.param("freqs", normal(self.scale), (self.num_channels // 2,), jnp.float32)
     freqs = jax.lax.stop_gradient(freqs)
     x = jnp.asarray(labels, jnp.float32)[:, None] * (2 * np.pi * freqs)[None, :]
     return jnp.concatenate([jnp.cos(x), jnp.sin(x)], axis=-1)

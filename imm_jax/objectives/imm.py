@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from imm_jax.interpolants import Interpolant, expand_to
+from imm_jax.interpolants import Interpolant, expand_to, gaussian
 from imm_jax.models.precond import Precond, denoise
 
 KERNELS = ("laplace", "rbf")
@@ -147,7 +147,7 @@ class IMMObjective:
     ip = self.precond.interpolant
     k_time, k_noise, k_drop = jax.random.split(rng, 3)
     s, r, t = (jnp.repeat(v, m) for v in sample_times(k_time, b // m, self.cfg, ip))
-    noise = self.precond.sigma_d * jax.random.normal(k_noise, x.shape, jnp.float32)
+    noise = gaussian(k_noise, x.shape, self.precond.sigma_d)
     inputs = {
         "x_t": expand_to(ip.alpha(t), x) * x + expand_to(ip.sigma(t), x) * noise,
         # x_r = DDIM(x_t, x, r, t) = alpha_r x + sigma_r eps: the same x and eps as x_t (App. C.2).

@@ -1,0 +1,235 @@
+"""Training at scale on CPU: meshes, gradient accumulation, several processes and preemption change nothing.
+
+Each case runs the real trainer in subprocesses, so that the device count (``XLA_FLAGS=
+--xla_force_host_platform_device_count``) and ``jax.distributed`` are set up before JAX initialises:
+
+* the same seed and data give the same losses and parameters on 1 device and on 8 devices with meshes
+  data x fsdp = 8x1, 4x2, 2x4 (FSDP really shards: ``mesh.fsdp_min_size=1``), with and without gradient
+  accumulation;
+* two processes on localhost (``python -m imm_jax.train`` with IMM_COORDINATOR / IMM_NUM_PROCESSES /
+  IMM_PROCESS_ID, 4 CPU devices each) train exactly what one process does with the same global batch;
+* a run stopped by SIGTERM saves, exits 0 and resumes to the parameters and losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from imm_jax import checkpoints
+from imm_jax.builder import build_model
+from imm_jax.trainer import init_state, make_optimizer
+from imm_jax.writers import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny digits run, as dotted config overrides (used both by the in-process driver and as --config.* flags).
+TINY = {
+    "num_steps": 3, "batch_size": 32, "log_every": 1, "sample_every": 1000, "checkpoint.every": 1000,
+    "checkpoint.async_save": False, "data.image_size": 8, "model.patch_size": 4, "model.hidden_size": 32,
+    "model.depth": 1, "model.num_heads": 2, "optim.warmup_steps": 2, "sample.steps": (), "eval.num": 0,
+    "mesh.fsdp_min_size": 1,
+}
+
+# Runs train_and_evaluate for each (workdir, overrides) of argv[1] in this one process.
+DRIVER = r"""
+import json, sys
+from imm_jax.configs_loader import load_config
+from imm_jax.trainer import train_and_evaluate
+
+for workdir, overrides in json.loads(sys.argv[1]):
+  config = load_config("digits")
+  for key, value in overrides.items():
+    *path, leaf = key.split(".")
+    node = config
+    for name in path:
+      node = node[name]
+    node[leaf] = tuple(value) if isinstance(value, list) else value
+  train_and_evaluate(config, workdir)
+"""
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _env(num_devices: int, cache_dir: str, **extra) -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("IMM_", "XLA_FLAGS", "JAX_"))}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), **extra)
+  return env
+
+
+def _flag(key: str, value) -> str:
+  if isinstance(value, tuple):
+    value = "(" + "".join(f"{v}," for v in value) + ")"
+  return f"--config.{key}={value}"
+
+
+def _train_command(workdir: str, overrides: dict) -> list[str]:
+  return [sys.executable, "-m", "imm_jax.train", "--config", os.path.join(REPO, "configs", "digits.py"),
+          f"--workdir={workdir}", *(_flag(k, v) for k, v in overrides.items())]
+
+
+def _start(cmd, env, log_path):
+  log = open(log_path, "w")
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), log
+
+
+def _wait_all(procs, timeout: float):
+  """Waits for (Popen, log) pairs; on a timeout or a failure kills the rest and fails with their logs."""
+  deadline = time.monotonic() + timeout
+  failed = None
+  for proc, log in procs:
+    try:
+      rc = proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+      if rc != 0 and failed is None:
+        failed = f"exit code {rc}"
+    except subprocess.TimeoutExpired:
+      failed = failed or f"timed out after {timeout:.0f} s"
+  for proc, log in procs:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+    log.close()
+  if failed:
+    tails = []
+    for proc, log in procs:
+      with open(log.name) as f:
+        tails.append(f"--- {log.name} ---\n" + f.read()[-3000:])
+    pytest.fail(f"{failed}:\n" + "\n".join(tails))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def _restore(workdir: str):
+  """The full train state of the newest checkpoint (any mesh it was saved from) on one local device."""
+  config = checkpoints.read_config(workdir)
+  model = build_model(config)
+  tx = make_optimizer(config.optim, int(config.num_steps))
+  abstract = jax.eval_shape(functools.partial(init_state, model, tx, int(config.seed)))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+  manager = checkpoints.create_manager(workdir, read_only=True, async_save=False)
+  try:
+    state = checkpoints.restore(manager, abstract)
+  finally:
+    manager.close()
+  return jax.device_get(state)
+
+
+def _losses(workdir: str) -> dict[int, float]:
+  rows = [r for r in read_metrics(workdir) if "train/loss" in r]
+  steps = [r["step"] for r in rows]
+  assert len(steps) == len(set(steps)), f"a step is logged twice in {workdir}: {steps}"
+  return {r["step"]: r["train/loss"] for r in rows}
+
+
+def _assert_same_training(a: str, b: str, exact: bool = False):
+  """Same losses at every step and the same parameters, EMA and optimizer state at the end."""
+  la, lb = _losses(a), _losses(b)
+  assert sorted(la) == sorted(lb), (sorted(la), sorted(lb))
+  sa, sb = _restore(a), _restore(b)
+  assert int(sa.step) == int(sb.step)
+  if exact:
+    assert la == lb
+  else:
+    np.testing.assert_allclose([la[k] for k in sorted(la)], [lb[k] for k in sorted(lb)], rtol=RTOL)
+  leaves_a, tree_a = jax.tree.flatten((sa.params, sa.ema_params, sa.opt_state))
+  leaves_b, tree_b = jax.tree.flatten((sb.params, sb.ema_params, sb.opt_state))
+  assert tree_a == tree_b
+  for x, y in zip(leaves_a, leaves_b):
+    if exact:
+      np.testing.assert_array_equal(x, y)
+    else:
+      np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL)
+
+
+def test_meshes_and_gradient_accumulation_match_one_device(tmp_path, cache_dir):
+  # Batch 128: with 4 micro-batches on 8 devices every device still holds one whole group of 4.
+  base = dict(TINY, batch_size=128)
+  runs = {
+      "8x1": {"mesh.data": 8, "mesh.fsdp": 1},
+      "4x2": {"mesh.data": 4, "mesh.fsdp": 2},
+      "2x4": {"mesh.data": 2, "mesh.fsdp": 4},
+      "4x2_accum2": {"mesh.data": 4, "mesh.fsdp": 2, "grad_accum_steps": 2},
+      "2x4_accum4": {"mesh.data": 2, "mesh.fsdp": 4, "grad_accum_steps": 4},
+  }
+  reference = str(tmp_path / "1dev")
+  jobs = [[str(tmp_path / name), dict(base, **extra)] for name, extra in runs.items()]
+  procs = [
+      _start([sys.executable, "-c", DRIVER, json.dumps([[reference, base]])], _env(1, cache_dir),
+             tmp_path / "1dev.log"),
+      _start([sys.executable, "-c", DRIVER, json.dumps(jobs)], _env(8, cache_dir), tmp_path / "8dev.log"),
+  ]
+  _wait_all(procs, timeout=400)
+  for name in runs:
+    _assert_same_training(reference, str(tmp_path / name))
+  # FSDP really sharded the parameters over 2 and 4 devices (and the 8x1 run replicated them).
+  meta = json.load(open(os.path.join(tmp_path / "2x4", "config.json")))
+  assert meta["mesh"] == {"data": 2, "fsdp": 4, "fsdp_min_size": 1}
+
+
+def test_two_processes_match_one_process(tmp_path, cache_dir):
+  port = _free_port()
+  pair = str(tmp_path / "two_procs")
+  single = str(tmp_path / "one_proc")
+  sharded = dict(TINY, **{"mesh.data": 4, "mesh.fsdp": 2})  # 8 devices over 2 processes, FSDP in each
+  procs = [
+      _start(_train_command(pair, sharded),
+             _env(4, cache_dir, IMM_COORDINATOR=f"127.0.0.1:{port}", IMM_NUM_PROCESSES="2",
+                  IMM_PROCESS_ID=str(i)), tmp_path / f"proc{i}.log")
+      for i in range(2)
+  ]
+  procs.append(_start(_train_command(single, TINY), _env(1, cache_dir), tmp_path / "single.log"))
+  _wait_all(procs, timeout=300)
+  _assert_same_training(single, pair)
+  assert sorted(_losses(pair)) == [1, 2, 3]
+  # Only process 0 writes metrics and events; each process saved its own data-iterator state.
+  assert len(glob.glob(os.path.join(pair, "events.out.tfevents.*"))) == 1
+  iterator_files = sorted(os.listdir(os.path.join(checkpoints.checkpoint_dir(pair), "3", "data_iter")))
+  assert [f for f in iterator_files if f.startswith("process_")] == ["process_0-of-2.json",
+                                                                     "process_1-of-2.json"]
+
+
+def test_sigterm_saves_exits_and_resumes_exactly(tmp_path, cache_dir):
+  steps = 200  # long enough that the signal, sent once a few steps are logged, arrives before the end
+  overrides = dict(TINY, num_steps=steps, **{"mesh.data": 1, "mesh.fsdp": 2})
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  env = _env(2, cache_dir)
+  reference = [_start(_train_command(straight, overrides), env, tmp_path / "straight.log")]
+  proc, log = _start(_train_command(resumed, overrides), env, tmp_path / "interrupted.log")
+  deadline = time.monotonic() + 240
+  while not any(r.get("step", 0) >= 3 for r in read_metrics(resumed)):
+    if proc.poll() is not None or time.monotonic() > deadline:
+      _wait_all([(proc, log)], timeout=1)
+      pytest.fail(f"the run ended (or stalled) before logging step 3: {open(log.name).read()[-3000:]}")
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGTERM)
+  _wait_all([(proc, log)], timeout=120)
+  stopped = checkpoints.create_manager(resumed, read_only=True, async_save=False).latest_step()
+  assert 3 <= stopped < steps, f"SIGTERM did not stop the run early (saved step {stopped})"
+  assert max(_losses(resumed)) == stopped
+  resume = _start(_train_command(resumed, overrides), env, tmp_path / "resume.log")
+  _wait_all(reference + [resume], timeout=300)
+  assert sorted(_losses(resumed)) == list(range(1, steps + 1))
+  _assert_same_training(straight, resumed, exact=True)
