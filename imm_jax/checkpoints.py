@@ -4,6 +4,8 @@ Layout of a workdir:
   config.json              the full training config (what ``imm_jax.sample`` rebuilds the model from)
   checkpoints/<step>/state       TrainState (step, params, ema_params, opt_state)
   checkpoints/<step>/data_iter   grain iterator state (per process)
+A sampling-only workdir (``save_params_only``, written by ``imm_jax.convert``) holds just
+  checkpoints/<step>/state       {ema_params[, buffers]}
 Orbax writes each step into a temporary directory and renames it when complete, so an interrupted
 save is never mistaken for a checkpoint.
 """
@@ -54,23 +56,56 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iter=None,
 
 def restore_ema_params(workdir: str, abstract_params: Any, step: int | None = None):
   """Only the EMA parameters of a workdir's checkpoint (what sampling and evaluation use)."""
+  variables, step = restore_ema_variables(workdir, abstract_params, step)
+  return variables["params"], step
+
+
+def restore_ema_variables(workdir: str, abstract_params: Any, step: int | None = None):
+  """``({'params': ema_params[, 'buffers': ...]}, step)``: the EMA parameters plus the non-parameter
+  variables a sampling-only checkpoint may carry (``save_params_only(..., buffers=...)``, e.g. a
+  converted DiT's reference pos_embed). Pass the dict to ``net.apply`` as its variables."""
   manager = create_manager(workdir, read_only=True, async_save=False)
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}: train first "
                             f"(python -m imm_jax.train --workdir {workdir}) or convert one "
                             f"(python -m imm_jax.convert --out {workdir})")
+  item = {"ema_params": abstract_params}
+  saved_buffers = _saved_buffers(manager, step)
+  if saved_buffers is not None:
+    sharding = next(iter(jax.tree.leaves(abstract_params)), None)
+    sharding = getattr(sharding, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    item["buffers"] = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), saved_buffers)
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item={"ema_params": abstract_params}, partial_restore=True)))
+      item=item, partial_restore=True)))
   manager.close()
-  return restored["state"]["ema_params"], step
+  state = restored["state"]
+  variables = {"params": state["ema_params"]}
+  if saved_buffers is not None:
+    variables["buffers"] = state["buffers"]
+  return variables, step
 
 
-def save_params_only(workdir: str, ema_params: Any, step: int = 0):
-  """A sampling-only checkpoint (e.g. a converted reference model): just ``ema_params``."""
+def _saved_buffers(manager: ocp.CheckpointManager, step: int):
+  """The array metadata of a checkpoint's ``buffers`` entry, or None (train states have none)."""
+  path = os.path.join(str(manager.directory), str(step), "state")
+  try:
+    metadata = ocp.StandardCheckpointer().metadata(path)
+  except Exception:  # an unreadable or differently laid out checkpoint: no buffers to offer
+    return None
+  tree = getattr(metadata, "tree", metadata)
+  return tree.get("buffers") if isinstance(tree, dict) else None
+
+
+def save_params_only(workdir: str, ema_params: Any, step: int = 0, *, buffers: Any = None):
+  """A sampling-only checkpoint (e.g. a converted reference model): ``ema_params`` and, optionally,
+  non-parameter ``buffers`` (a pytree restored by ``restore_ema_variables``)."""
+  state = {"ema_params": ema_params}
+  if buffers:
+    state["buffers"] = buffers
   manager = create_manager(workdir, async_save=False)
-  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"ema_params": ema_params})),
-               force=True)
+  manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
   manager.wait_until_finished()
   manager.close()
 

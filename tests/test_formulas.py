@@ -413,11 +413,6 @@ def test_weight_cosine_matches_eq13():
   np.testing.assert_allclose(got, _np_weight("vp_cosine", t, 1.0, 4.0), rtol=5e-4)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG imm_jax/objectives/imm.py time_weight: at t = 0 it evaluates sigmoid(b - inf) * 2/(0 * 1) = 0 * inf = "
-    "NaN, though Eq. 13's limit is 0 (w ~ 2 e^b t as t -> 0). With eps = 0 (ImageNet/MNIST/toy configs) "
-    "sample_times draws t = 0 exactly with probability 2^-23 per group (jax.random.uniform can return minval), "
-    "which makes the whole loss and gradient NaN (see test_objective::test_loss_finite_when_a_group_draws_t_equal_eps)."))
 def test_weight_is_finite_at_t_zero():
   for ip in (OT, COS):
     w = np.asarray(time_weight(jnp.asarray([0.0, 1e-6], jnp.float32), ip, 1.0, 4.0))
@@ -471,11 +466,6 @@ def test_sampled_r_is_between_s_and_t(k, eps, min_gap):
     assert np.all(r[s < t - min_gap - 1e-6] <= t[s < t - min_gap - 1e-6] - min_gap + 1e-7)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG imm_jax/objectives/imm.py eta_decrement_r: for k <= 7 (delta = 160/2^k >= 1.25) and small t, "
-    "eta(t) - delta < -1 and the OT-FM eta_inv(e) = e / (1 + e) returns a value > 1, so r > t (k = 6, "
-    "t = 0.2 gives r = 1.8), violating spec 3.1 's <= r(s,t) < t'. Fix: eta_inv(maximum(eta(t) - delta, "
-    "eta_min)) (r then falls back to s), or reject such k in IMMConfig."))
 def test_r_stays_below_t_for_large_delta():
   t = np.linspace(0.01, 0.99, 99)
   s = 0.5 * t

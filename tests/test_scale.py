@@ -35,8 +35,9 @@ from imm_jax.writers import read_metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A tiny digits run, as dotted config overrides (used both by the in-process driver and as --config.* flags).
+# Batch 64: with 2 micro-batches on 8 devices every device still holds one whole group of 4.
 TINY = {
-    "num_steps": 3, "batch_size": 32, "log_every": 1, "sample_every": 1000, "checkpoint.every": 1000,
+    "num_steps": 3, "batch_size": 64, "log_every": 1, "sample_every": 1000, "checkpoint.every": 1000,
     "checkpoint.async_save": False, "data.image_size": 8, "model.patch_size": 4, "model.hidden_size": 32,
     "model.depth": 1, "model.num_heads": 2, "optim.warmup_steps": 2, "sample.steps": (), "eval.num": 0,
     "mesh.fsdp_min_size": 1,
@@ -164,35 +165,37 @@ def _assert_same_training(a: str, b: str, exact: bool = False):
       np.testing.assert_allclose(x, y, rtol=RTOL, atol=ATOL)
 
 
-def test_meshes_and_gradient_accumulation_match_one_device(tmp_path, cache_dir):
-  # Batch 128: with 4 micro-batches on 8 devices every device still holds one whole group of 4.
-  base = dict(TINY, batch_size=128)
-  runs = {
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+  """The tiny run on one device in one process: what every other layout must reproduce."""
+  workdir = str(tmp_path_factory.mktemp("one_device") / "run")
+  _wait_all([_start(_train_command(workdir, TINY), _env(1, cache_dir), workdir + ".log")], timeout=300)
+  return workdir
+
+
+def test_meshes_and_gradient_accumulation_match_one_device(reference, tmp_path, cache_dir):
+  runs = {  # on 8 devices (one process), and accumulation alone on one device
       "8x1": {"mesh.data": 8, "mesh.fsdp": 1},
-      "4x2": {"mesh.data": 4, "mesh.fsdp": 2},
-      "2x4": {"mesh.data": 2, "mesh.fsdp": 4},
       "4x2_accum2": {"mesh.data": 4, "mesh.fsdp": 2, "grad_accum_steps": 2},
-      "2x4_accum4": {"mesh.data": 2, "mesh.fsdp": 4, "grad_accum_steps": 4},
+      "2x4": {"mesh.data": 2, "mesh.fsdp": 4},
   }
-  reference = str(tmp_path / "1dev")
-  jobs = [[str(tmp_path / name), dict(base, **extra)] for name, extra in runs.items()]
+  accum = str(tmp_path / "1x1_accum4")
+  jobs = [[str(tmp_path / name), dict(TINY, **extra)] for name, extra in runs.items()]
   procs = [
-      _start([sys.executable, "-c", DRIVER, json.dumps([[reference, base]])], _env(1, cache_dir),
-             tmp_path / "1dev.log"),
       _start([sys.executable, "-c", DRIVER, json.dumps(jobs)], _env(8, cache_dir), tmp_path / "8dev.log"),
+      _start([sys.executable, "-c", DRIVER, json.dumps([[accum, dict(TINY, grad_accum_steps=4)]])],
+             _env(1, cache_dir), tmp_path / "1dev.log"),
   ]
   _wait_all(procs, timeout=400)
-  for name in runs:
-    _assert_same_training(reference, str(tmp_path / name))
-  # FSDP really sharded the parameters over 2 and 4 devices (and the 8x1 run replicated them).
-  meta = json.load(open(os.path.join(tmp_path / "2x4", "config.json")))
-  assert meta["mesh"] == {"data": 2, "fsdp": 4, "fsdp_min_size": 1}
+  for workdir in [accum] + [str(tmp_path / name) for name in runs]:
+    _assert_same_training(reference, workdir)
+  assert json.load(open(os.path.join(tmp_path, "2x4", "config.json")))["mesh"] == {
+      "data": 2, "fsdp": 4, "fsdp_min_size": 1}
 
 
-def test_two_processes_match_one_process(tmp_path, cache_dir):
+def test_two_processes_match_one_process(reference, tmp_path, cache_dir):
   port = _free_port()
   pair = str(tmp_path / "two_procs")
-  single = str(tmp_path / "one_proc")
   sharded = dict(TINY, **{"mesh.data": 4, "mesh.fsdp": 2})  # 8 devices over 2 processes, FSDP in each
   procs = [
       _start(_train_command(pair, sharded),
@@ -200,9 +203,8 @@ def test_two_processes_match_one_process(tmp_path, cache_dir):
                   IMM_PROCESS_ID=str(i)), tmp_path / f"proc{i}.log")
       for i in range(2)
   ]
-  procs.append(_start(_train_command(single, TINY), _env(1, cache_dir), tmp_path / "single.log"))
   _wait_all(procs, timeout=300)
-  _assert_same_training(single, pair)
+  _assert_same_training(reference, pair)
   assert sorted(_losses(pair)) == [1, 2, 3]
   # Only process 0 writes metrics and events; each process saved its own data-iterator state.
   assert len(glob.glob(os.path.join(pair, "events.out.tfevents.*"))) == 1

@@ -73,8 +73,13 @@ class Precond:
     return xp.ones_like(t - s), -(t - s) * self.sigma_d
 
   def kernel_scale(self, s, t):
-    """w~(s, t) = 1 / |c_out(s, t)|: the Laplace kernel then compares G-space distances (App. C.8)."""
-    return 1.0 / jnp.abs(self.skip_out(s, t)[1])
+    """w~(s, t) = 1 / |c_out(s, t)|: the Laplace kernel then compares G-space distances (App. C.8).
+
+    A group with s = t (t drawn exactly at eps, probability 2^-23 per draw) has y_t = y_r = x_t and
+    MMD 0 for any width; its scale is set to 0 instead of inf so the kernel's gradient stays 0, not NaN.
+    """
+    c_out = jnp.abs(self.skip_out(s, t)[1])
+    return jnp.where(c_out > 0, 1.0 / jnp.where(c_out > 0, c_out, 1.0), 0.0)
 
 
 def denoise(net_apply: Callable[..., Any], precond: Precond, x, s, t, labels=None, *,

@@ -55,7 +55,8 @@ def eta_decrement_r(s, t, interpolant: Interpolant, k: int, eta_max: float = 160
                     eta_min: float = 0.0, min_gap: float = 0.0):
   """r(s, t) = max(s, min(t - Delta, eta^-1(eta(t) - (eta_max - eta_min) / 2^k))) (App. C.6, I.6)."""
   delta = (eta_max - eta_min) / 2.0**k
-  r = interpolant.eta_inv(interpolant.eta(t) - delta)
+  # Clamped at eta_min: below it eta^-1 leaves [0, 1) (e.g. k <= 7 at small t would give r > t).
+  r = interpolant.eta_inv(jnp.maximum(interpolant.eta(t) - delta, eta_min))
   if min_gap > 0:
     r = jnp.minimum(t - min_gap, r)
   return jnp.maximum(s, r)
@@ -71,7 +72,12 @@ def sample_times(rng, num_groups: int, cfg: IMMConfig, interpolant: Interpolant)
 
 
 def time_weight(t, interpolant: Interpolant, a: float, b: float):
-  """w(s, t) = 1/2 sigmoid(b - lambda_t) (-d lambda/dt) alpha_t^a / (alpha_t^2 + sigma_t^2) (Eq. 13)."""
+  """w(s, t) = 1/2 sigmoid(b - lambda_t) (-d lambda/dt) alpha_t^a / (alpha_t^2 + sigma_t^2) (Eq. 13).
+
+  t is kept inside [1e-7, 1 - 1e-7]: at t = 0 (eps = 0 runs) the formula reads 0 * inf, while its
+  limit is 0, which the clamped value reproduces to ~1e-5.
+  """
+  t = jnp.clip(t, 1e-7, 1.0 - 1e-7)
   alpha, sigma = interpolant.alpha(t), interpolant.sigma(t)
   return (0.5 * jax.nn.sigmoid(b - interpolant.logsnr(t)) * interpolant.neg_dlogsnr_dt(t)
           * alpha**a / (alpha**2 + sigma**2))
