@@ -20,7 +20,7 @@ class Model:
   precond: Precond
   input_shape: tuple[int, ...]  # per example, model space
   num_classes: int              # 0: unconditional
-  kind: str                     # 'image' or 'points'
+  kind: str                     # 'image', 'points' or 'latent' (e.g. SD-VAE latents; no decoder yet)
 
   @property
   def null_label(self) -> int | None:
@@ -40,8 +40,26 @@ class Model:
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
+NO_DATA = "none"
+DATA_KINDS = ("image", "points", "latent")
+
+
 def data_info(config) -> data_lib.DataInfo:
-  return data_lib.get_info(config.data)
+  """What the model needs to know about the data: from the dataset named by ``config.data.name``, or,
+  when that is ``'none'`` (a sampling-only workdir such as a converted reference checkpoint, which has
+  no dataset), from ``config.data.shape`` (one example in model space, e.g. [32, 32, 4]),
+  ``config.data.num_classes`` (0: unconditional) and ``config.data.kind``."""
+  if config.data.name != NO_DATA:
+    return data_lib.get_info(config.data)
+  shape = tuple(int(d) for d in (config.data.get("shape", None) or ()))
+  if not shape:
+    raise ValueError("config.data.name='none' needs config.data.shape (one example's shape in model "
+                     "space, e.g. [32, 32, 3])")
+  kind = str(config.data.get("kind", "image"))
+  if kind not in DATA_KINDS:
+    raise ValueError(f"unknown config.data.kind {kind!r}: choose one of {DATA_KINDS}")
+  return data_lib.DataInfo(shape=shape, num_classes=int(config.data.get("num_classes", 0)), kind=kind,
+                           name=NO_DATA)
 
 
 def build_model(config, info: data_lib.DataInfo | None = None) -> Model:

@@ -20,6 +20,7 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
 CONFIG_FILE = "config.json"
 
@@ -78,7 +79,7 @@ def restore_ema_variables(workdir: str, abstract_params: Any, step: int | None =
     item["buffers"] = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), saved_buffers)
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=item, partial_restore=True)))
+      item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
   manager.close()
   state = restored["state"]
   variables = {"params": state["ema_params"]}
@@ -89,12 +90,11 @@ def restore_ema_variables(workdir: str, abstract_params: Any, step: int | None =
 
 def _saved_buffers(manager: ocp.CheckpointManager, step: int):
   """The array metadata of a checkpoint's ``buffers`` entry, or None (train states have none)."""
-  path = os.path.join(str(manager.directory), str(step), "state")
+  path = epath.Path(str(manager.directory)) / str(step) / "state"
   try:
-    metadata = ocp.StandardCheckpointer().metadata(path)
+    tree = ocp.PyTreeCheckpointHandler().metadata(path).tree
   except Exception:  # an unreadable or differently laid out checkpoint: no buffers to offer
     return None
-  tree = getattr(metadata, "tree", metadata)
   return tree.get("buffers") if isinstance(tree, dict) else None
 
 

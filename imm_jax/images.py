@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+
+from imm_jax.io_utils import atomic_open
 
 __all__ = ["make_grid", "save_png", "upscale_nearest", "scatter_image", "side_by_side"]
 
@@ -72,19 +73,8 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> str:
     if not (image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (3, 4))):
         raise ValueError(f"expected an HW or HWC (C in 1, 3, 4) image, got shape {image.shape}")
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(np.ascontiguousarray(image)).save(f, format="PNG")
     return path
 
 

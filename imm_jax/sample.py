@@ -4,8 +4,12 @@
   python -m imm_jax.sample --workdir DIR --noise Z.npy --labels Y.npy --cfg-scale 1.5 \\
       --schedule uniform --steps 4 --out S.npz
 
-The .npz holds ``samples`` (float32, model space, before any decoding or clipping), ``labels`` and, for
-image data, ``images`` (uint8 NHWC); a PNG grid is written beside it (same name, .png).
+Flags may be spelled with dashes or underscores (--cfg-scale / --cfg_scale). --schedule, --mid-etas and
+--cfg-scale default to the workdir config's ``sample`` section (a converted ImageNet checkpoint: uniform,
+w = 1.5). The .npz holds ``samples`` (float32, model space, before any decoding or clipping), ``labels``
+and, for image data, ``images`` (uint8 NHWC); a PNG grid is written beside it (same name, .png) for image
+and 2-D point data. Latent models (data kind 'latent', e.g. ImageNet SD-VAE latents) write only the .npz:
+there is no VAE decoder in imm_jax yet.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ flags.DEFINE_string("workdir", None, "A workdir written by imm_jax.train or imm_
 flags.DEFINE_string("out", None, "Output .npz path (a PNG grid is written beside it).")
 flags.DEFINE_integer("steps", 1, "Number of sampling steps (network evaluations without guidance).")
 flags.DEFINE_integer("num", 64, "Number of samples (ignored when --noise is given).")
-flags.DEFINE_enum("schedule", "default", ["default", "uniform", "edm", "explicit"],
-                  "Time schedule: default = the paper's (1 step; 2 steps through eta=1.4; else uniform).")
-flags.DEFINE_list("mid_etas", [], "Mid-point etas for --schedule=explicit (steps - 1 values), e.g. 1.4.")
+flags.DEFINE_enum("schedule", None, ["default", "uniform", "edm", "explicit"],
+                  "Time schedule: default = the paper's (1 step; 2 steps through eta=1.4; else uniform). "
+                  "Default: the workdir config's sample.schedule ('default' for trained workdirs).")
+flags.DEFINE_list("mid_etas", None, "Mid-point etas for --schedule=explicit (steps - 1 values), e.g. 1.4. "
+                  "Default: the config's sample.mid_etas when --schedule is not given, else none.")
 flags.DEFINE_enum("sampler", "pushforward", ["pushforward", "restart"], "Sampler.")
 flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale w (conditional models; 1 = none). "
                    "Default: the training config's sample.cfg_scale.")
@@ -51,11 +57,15 @@ def _load_array(path: str, flag: str):
     _fail(f"--{flag}={path}: not a readable .npy array ({e})")
 
 
-def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: str = "default",
-                   mid_etas=(), sampler: str = "pushforward", cfg_scale: float | None = None, seed: int = 0,
+def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: str | None = None,
+                   mid_etas=None, sampler: str = "pushforward", cfg_scale: float | None = None, seed: int = 0,
                    noise=None, labels=None, batch_size: int = 256, checkpoint_step: int | None = None,
                    overwrite: bool = False, progress: bool = True) -> dict:
-  """Generate samples and write ``out`` (.npz) and its PNG grid atomically. Returns the arrays."""
+  """Generate samples and write ``out`` (.npz) and, for image and point data, its PNG grid atomically.
+
+  ``schedule`` / ``mid_etas`` / ``cfg_scale`` None: the config's ``sample`` section (mid_etas from the
+  config only when the schedule is too). Returns the arrays.
+  """
   import jax
   import numpy as np
   from tqdm import tqdm
@@ -71,7 +81,8 @@ def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: st
     raise FileExistsError(f"--out={out} exists; choose another path or pass --overwrite")
   config = checkpoints.read_config(workdir)
   model = build_model(config)
-  params, ckpt_step = checkpoints.restore_ema_params(workdir, model.abstract_params(), checkpoint_step)
+  variables, ckpt_step = checkpoints.restore_ema_variables(workdir, model.abstract_params(), checkpoint_step)
+  params = variables.pop("params")
   sigma_d = model.precond.sigma_d
   key = jax.random.key(seed)
   k_noise, k_labels, k_restart = jax.random.split(key, 3)
@@ -99,8 +110,12 @@ def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: st
     labels = np.asarray(jax.random.randint(k_labels, (num,), 0, model.num_classes), np.int32)
 
   eps, T = float(config.imm.eps), float(config.imm.T)
+  if schedule is None:
+    schedule = str(config.sample.get("schedule", "default"))
+    if mid_etas is None:
+      mid_etas = config.sample.get("mid_etas", ())
   times = sampling.make_schedule(schedule, steps, model.precond.interpolant, eps, T,
-                                 mid_etas=[float(e) for e in mid_etas] or None)
+                                 mid_etas=[float(e) for e in (mid_etas or ())] or None)
   scale = float(config.sample.get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale)
   guided = model.null_label is not None and scale != 1.0
   chunks = []
@@ -110,7 +125,7 @@ def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: st
     out_chunk = sampling.generate(model.net, params, model.precond, noise[sl], times,
                                   None if labels is None else labels[sl], scale,
                                   jax.random.fold_in(k_restart, start), sampler=sampler, guided=guided,
-                                  null_label=model.null_label)
+                                  null_label=model.null_label, extra_variables=variables or None)
     chunks.append(np.asarray(jax.device_get(out_chunk), np.float32))
   samples = np.concatenate(chunks)
   result = {"samples": samples, "times": times, "step": np.int64(ckpt_step)}
@@ -119,7 +134,8 @@ def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: st
   if model.kind == "image":
     result["images"] = data_lib.to_uint8(samples)
   _save_npz_atomic(out, result)
-  images_lib.save_png(out[:-4] + ".png", render(model, samples[:256]))
+  if model.kind in ("image", "points"):
+    images_lib.save_png(out[:-4] + ".png", render(model, samples[:256]))
   return result
 
 
@@ -145,12 +161,33 @@ def main(argv):
                             overwrite=FLAGS.overwrite)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     _fail(str(e))
-  print(f"wrote {result['samples'].shape[0]} samples to {FLAGS.out} (and {FLAGS.out[:-4]}.png) "
+  png = f" (and {FLAGS.out[:-4]}.png)" if os.path.exists(FLAGS.out[:-4] + ".png") else ""
+  print(f"wrote {result['samples'].shape[0]} samples to {FLAGS.out}{png} "
         f"from checkpoint step {int(result['step'])}")
 
 
+def dashes_to_underscores(argv: list[str], flag_values=FLAGS) -> list[str]:
+  """``--cfg-scale=1.5`` -> ``--cfg_scale=1.5`` for every defined flag (absl knows only underscores)."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--") and "-" in arg.split("=", 1)[0][2:]:
+      name, sep, value = arg[2:].partition("=")
+      fixed = name.replace("-", "_")
+      if fixed not in flag_values and fixed.startswith("no_") and fixed[3:] in flag_values:
+        fixed = "no" + fixed[3:]  # --no-overwrite -> --nooverwrite
+      if fixed in flag_values or (fixed.startswith("no") and fixed[2:] in flag_values):
+        arg = f"--{fixed}{sep}{value}"
+    out.append(arg)
+  return out
+
+
+def parse_flags(argv):
+  """absl's flag parser, also accepting dashed flag names."""
+  return FLAGS(dashes_to_underscores(argv))
+
+
 def run():
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

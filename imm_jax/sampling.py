@@ -96,18 +96,21 @@ def restart(denoise_fn: Callable, x, times, rng, interpolant: Interpolant, sigma
 
 @functools.partial(jax.jit, static_argnames=("net", "precond", "sampler", "guided", "null_label"))
 def generate(net, params, precond: Precond, x_init, times, labels=None, cfg_scale=1.0, rng=None, *,
-             sampler: str = "pushforward", guided: bool = False, null_label: int | None = None):
+             sampler: str = "pushforward", guided: bool = False, null_label: int | None = None,
+             extra_variables=None):
   """Run a sampler from prior noise ``x_init`` (N(0, sigma_d^2)) with the network's parameters.
 
   ``guided`` turns on classifier-free guidance with scale ``cfg_scale`` (a traced scalar, so sweeping
-  it does not recompile). Returns float32 samples in model space.
+  it does not recompile). ``extra_variables``: other variable collections of the network besides
+  ``params`` (e.g. ``{'buffers': ...}`` from ``checkpoints.restore_ema_variables``). Returns float32
+  samples in model space.
   """
   if sampler not in SAMPLERS:
     raise ValueError(f"unknown sampler {sampler!r} (--sampler): choose one of {SAMPLERS}")
   x_init = x_init.astype(jnp.float32)
 
   def net_apply(x_in, c_t, c_s, y):
-    return net.apply({"params": params}, x_in, c_t, c_s, y, train=False)
+    return net.apply({**(extra_variables or {}), "params": params}, x_in, c_t, c_s, y, train=False)
 
   def denoise_fn(x, s, t):
     return denoise(net_apply, precond, x, s, t, labels, cfg_scale=cfg_scale if guided else None,

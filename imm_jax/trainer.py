@@ -257,7 +257,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   sample_steps = tuple(int(s) for s in config.sample.steps)
   eval_steps = tuple(int(s) for s in eval_cfg.steps)
 
-  def periodic_outputs(step, params, final=False):
+  def periodic_outputs(step, ema_params, final=False):
+    params = host_params(ema_params)  # every process takes part in the gather; only process 0 samples
     if not is_main:
       return {}
     if (step % int(config.sample_every) == 0 or final) and sample_steps:
@@ -278,10 +279,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.flush()
     return figures
 
-  if start == 0 and bool(eval_cfg.get("at_start", True)) and eval_x is not None and is_main:
-    initial = sample_quality(model, state.ema_params, config, eval_x, eval_steps)
-    writer.write_scalars(0, {f"eval_init/{k}": v for k, v in initial.items()})
-    _print_figures("untrained model", initial)
+  if start == 0 and bool(eval_cfg.get("at_start", True)) and eval_x is not None:
+    params0 = host_params(state.ema_params)
+    if is_main:
+      initial = sample_quality(model, params0, config, eval_x, eval_steps)
+      writer.write_scalars(0, {f"eval_init/{k}": v for k, v in initial.items()})
+      _print_figures("untrained model", initial)
 
   pending = first
   last_metrics = None
@@ -325,6 +328,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if is_main and figures:
     _print_figures(f"EMA model after {num_steps} steps", figures)
   return figures
+
+
+def host_params(params):
+  """A full host copy of (possibly sharded, multi-host) parameters, so that sample grids and
+  evaluation run on process 0's devices alone without a cross-host collective."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(params, tiled=True)
+  return jax.device_get(params)
 
 
 def _close(manager, writer, data_iter):

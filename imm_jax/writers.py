@@ -23,12 +23,13 @@ import json
 import math
 import numbers
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from imm_jax.io_utils import atomic_open
 
 METRICS_FILENAME = "metrics.jsonl"
 
@@ -87,18 +88,8 @@ def read_metrics(logdir: str) -> list[dict]:
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def flatten_dict(config: Any, prefix: str = "", sep: str = ".") -> dict[str, Any]:

@@ -15,3 +15,27 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 jax.config.update("jax_compilation_cache_dir", CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def make_tiny_digits(num_steps: int = 6):
+  """The default config shrunk to seconds on a CPU: 8x8 digits, a one-block DiT, batch 16."""
+  from imm_jax.configs_loader import load_config
+  c = load_config("digits")
+  c.num_steps = num_steps
+  c.batch_size = 16
+  c.log_every = 1
+  c.sample_every = 3
+  c.checkpoint.every = 3
+  c.checkpoint.async_save = False
+  c.data.image_size = 8
+  c.model.update(patch_size=4, hidden_size=32, depth=1, num_heads=2)
+  c.optim.warmup_steps = 2
+  c.sample.num = 8
+  c.sample.steps = (1, 2)
+  c.eval.update(num=32, steps=(1, 2), at_start=False)
+  return c
+
+
+@pytest.fixture
+def tiny_digits():
+  return make_tiny_digits

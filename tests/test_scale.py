@@ -214,7 +214,7 @@ def test_two_processes_match_one_process(reference, tmp_path, cache_dir):
 
 
 def test_sigterm_saves_exits_and_resumes_exactly(tmp_path, cache_dir):
-  steps = 200  # long enough that the signal, sent once a few steps are logged, arrives before the end
+  steps = 80  # ~1 s of steps: the signal, sent once step 3 is logged, arrives well before the end
   overrides = dict(TINY, num_steps=steps, **{"mesh.data": 1, "mesh.fsdp": 2})
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
   env = _env(2, cache_dir)
@@ -223,12 +223,14 @@ def test_sigterm_saves_exits_and_resumes_exactly(tmp_path, cache_dir):
   deadline = time.monotonic() + 240
   while not any(r.get("step", 0) >= 3 for r in read_metrics(resumed)):
     if proc.poll() is not None or time.monotonic() > deadline:
-      _wait_all([(proc, log)], timeout=1)
+      _wait_all([(proc, log)] + reference, timeout=1)
       pytest.fail(f"the run ended (or stalled) before logging step 3: {open(log.name).read()[-3000:]}")
     time.sleep(0.02)
   proc.send_signal(signal.SIGTERM)
   _wait_all([(proc, log)], timeout=120)
-  stopped = checkpoints.create_manager(resumed, read_only=True, async_save=False).latest_step()
+  manager = checkpoints.create_manager(resumed, read_only=True, async_save=False)
+  stopped = manager.latest_step()
+  manager.close()
   assert 3 <= stopped < steps, f"SIGTERM did not stop the run early (saved step {stopped})"
   assert max(_losses(resumed)) == stopped
   resume = _start(_train_command(resumed, overrides), env, tmp_path / "resume.log")

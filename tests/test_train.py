@@ -22,23 +22,6 @@ from imm_jax.configs_loader import load_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_digits(num_steps=6):
-  c = load_config("digits")
-  c.num_steps = num_steps
-  c.batch_size = 16
-  c.log_every = 1
-  c.sample_every = 3
-  c.checkpoint.every = 3
-  c.checkpoint.async_save = False
-  c.data.image_size = 8
-  c.model.update(patch_size=4, hidden_size=32, depth=1, num_heads=2)
-  c.optim.warmup_steps = 2
-  c.sample.num = 8
-  c.sample.steps = (1, 2)
-  c.eval.update(num=32, steps=(1, 2), at_start=False)
-  return c
-
-
 def _final_params(workdir):
   config = checkpoints.read_config(workdir)
   model = build_model(config)
@@ -46,7 +29,7 @@ def _final_params(workdir):
   return jax.device_get(params), step
 
 
-def test_train_writes_checkpoints_metrics_events_and_grids(tmp_path):
+def test_train_writes_checkpoints_metrics_events_and_grids(tmp_path, tiny_digits):
   workdir = str(tmp_path / "run")
   figures = train_and_evaluate(tiny_digits(), workdir)
   assert set(figures) == {"energy_1step", "energy_2step", "mmd_1step", "mmd_2step"}
@@ -65,7 +48,7 @@ def test_train_writes_checkpoints_metrics_events_and_grids(tmp_path):
   assert cfg["model"]["hidden_size"] == 32
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, tiny_digits):
   straight = str(tmp_path / "straight")
   resumed = str(tmp_path / "resumed")
   train_and_evaluate(tiny_digits(6), straight)
@@ -80,7 +63,7 @@ def test_resume_continues_exactly(tmp_path):
   assert loss(straight) == loss(resumed)
 
 
-def test_nan_loss_stops_without_overwriting_checkpoint(tmp_path):
+def test_nan_loss_stops_without_overwriting_checkpoint(tmp_path, tiny_digits):
   workdir = str(tmp_path / "run")
   train_and_evaluate(tiny_digits(3), workdir)
   c = tiny_digits(6)
@@ -96,7 +79,7 @@ def _run(args, **kw):
   return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, **kw)
 
 
-def test_sample_executable_reproduces_from_noise_file(tmp_path):
+def test_sample_executable_reproduces_from_noise_file(tmp_path, tiny_digits):
   workdir = str(tmp_path / "run")
   train_and_evaluate(tiny_digits(3), workdir)
   noise = 0.5 * np.random.default_rng(0).standard_normal((5, 8, 8, 1)).astype(np.float32)

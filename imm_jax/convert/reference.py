@@ -33,6 +33,13 @@ from imm_jax.models.layers import resample_filter_2d
 PREFIX = "model."
 _NOISE_SCHEDULES = {"fm": "ot_fm", "vp_cosine": "vp_cosine"}
 
+# The precond wrapper's kwargs (IMMPrecond); everything else in a network section is the model's.
+PRECOND_KEYS = ("img_resolution", "img_channels", "label_dim", "mixed_precision", "noise_schedule",
+                "model_type", "sigma_data", "f_type", "T", "eps", "temb_type", "time_scale")
+# The reference's DiT constructors DiT_{S,B,L,XL}_{2,4,8}: fixed (patch, hidden, depth, heads).
+_DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+_DIT_NAME = re.compile(r"^DiT_(S|B|L|XL)_(2|4|8)$")
+
 # Reference network kwargs the converter understands (some only with their default value).
 _DIT_KEYS = {"patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "num_classes", "s_embed",
              "class_dropout_prob", "img_resolution", "in_channels", "qk_norm", "skip", "temb_mult",
@@ -63,12 +70,34 @@ def load_reference_npz(path) -> tuple[dict[str, np.ndarray], dict, dict[str, np.
 def network_from_reference(meta: Mapping[str, Any], *, state_dict: Mapping[str, np.ndarray] | None = None):
   """(module, model_cfg, precond_cfg) for the reference ``meta`` (``precond`` and ``model`` kwargs).
 
+  ``model_type`` is ``SongUNet``, ``DiT`` (sizes in the model kwargs) or one of the reference's DiT
+  constructors ``DiT_{S,B,L,XL}_{2,4,8}`` (e.g. ``DiT_XL_2``, the released ImageNet model).
   ``state_dict`` (optional) settles what the kwargs may not say: whether the DiT label table carries
   the extra row of label-dropout training.
   """
   pre = dict(meta["precond"])
   model = dict(meta.get("model", {}))
+  unknown = sorted(set(pre) - set(PRECOND_KEYS))
+  if unknown:
+    raise ValueError(f"reference precond kwargs {unknown} are not understood by the converter "
+                     f"(known: {list(PRECOND_KEYS)})")
+  for key in ("img_resolution", "img_channels"):
+    if pre.get(key) is None:
+      raise ValueError(f"reference precond kwarg {key} is missing")
+  if pre.get("mixed_precision") not in (None, "bf16", "fp16"):
+    raise ValueError(f"reference precond mixed_precision={pre['mixed_precision']!r} is not supported "
+                     f"(None, 'bf16' or 'fp16'; imm_jax computes in float32 either way)")
   model_type = pre.get("model_type", "SongUNet")
+  named = _DIT_NAME.match(str(model_type))
+  if named:
+    hidden, depth, heads = _DIT_SIZES[named.group(1)]
+    sizes = dict(patch_size=int(named.group(2)), hidden_size=hidden, depth=depth, num_heads=heads)
+    for key, value in sizes.items():
+      if key in model and model[key] != value:
+        raise ValueError(f"reference model kwarg {key}={model[key]!r} contradicts model_type "
+                         f"{model_type} ({key}={value})")
+    model.update(sizes)
+    model_type = "DiT"
   res = int(pre["img_resolution"])
   channels = int(pre["img_channels"])
   label_dim = int(pre.get("label_dim", 0))

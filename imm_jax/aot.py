@@ -1,0 +1,255 @@
+"""Ahead-of-time compilation of the training step: per-device memory and FLOPs, with no data and no state.
+
+  python -m imm_jax.aot --config configs/imagenet256.py:XL/2 [--num_devices 8] [--config.batch_size=4096]
+  python -m imm_jax.aot --config configs/cifar10.py --num_devices 8 --steps 3   # + 3 steps on random batches
+
+The model, objective and optimizer come from the config exactly as in ``imm_jax.trainer``; the train
+state exists only as shapes (``jax.eval_shape``) carrying the trainer's shardings (``parallel``), and the
+trainer's own ``update_fn`` is lowered and compiled for the global batch ``config.batch_size`` on a
+``config.mesh`` mesh over ``--num_devices`` devices. Nothing is read: the example shape is
+``(config.data.image_size,) * 2 + (config.data.channels,)`` (channels default 3) and the classes come from
+``config.model.num_classes`` / ``config.data.num_classes`` (or ``--input_shape`` / ``--num_classes``).
+
+On a CPU, ``--num_devices`` fakes that many CPU devices, so the program for an 8-accelerator host (its
+sharding, per-device buffers and FLOPs) can be inspected anywhere; memory figures are then those of the
+CPU compiler, a guide to, not a measurement of, an accelerator's. ``--steps N`` runs N real steps on random
+batches of the right shape (a smoke test and a step time where no data pipeline exists yet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from imm_jax import data as data_lib
+from imm_jax import parallel
+from imm_jax.builder import Model, build_model
+from imm_jax.objectives import make_objective
+from imm_jax.trainer import init_state, make_optimizer, make_update_fn
+
+_BUILT_IN = ("digits", "toy2d")  # datasets whose shape is known without reading anything external
+
+
+def config_data_info(config, input_shape: tuple[int, ...] | None = None,
+                     num_classes: int | None = None) -> data_lib.DataInfo:
+  """The example shape and number of classes of ``config.data`` without reading the data.
+
+  Explicit ``input_shape`` / ``num_classes`` win; built-in datasets (digits, toy2d) report their own;
+  otherwise images of ``config.data.image_size`` squared with ``config.data.channels`` (default 3)
+  channels and ``config.model.num_classes`` or ``config.data.num_classes`` (default 0) classes.
+  """
+  data = config.data
+  if input_shape is None and num_classes is None and data.name in _BUILT_IN:
+    return data_lib.get_info(data)
+  if input_shape is None:
+    size = int(data.image_size)
+    input_shape = (size, size, int(data.get("channels", 3)))
+  if num_classes is None:
+    num_classes = int(config.model.get("num_classes", 0) or data.get("num_classes", 0) or 0)
+  input_shape = tuple(int(d) for d in input_shape)
+  return data_lib.DataInfo(shape=input_shape, num_classes=int(num_classes),
+                           kind="points" if len(input_shape) == 1 else "image", name=str(data.name))
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+  """The trainer's step compiled for one config and mesh, with what it takes and what it costs."""
+
+  compiled: Any                  # jax.stages.Compiled: (state, batch) -> (state, metrics), state donated
+  model: Model
+  mesh: Mesh
+  batch_size: int
+  state_shardings: Any
+  batch_sharding: NamedSharding
+  abstract_state: Any            # ShapeDtypeStructs with shardings
+  abstract_batch: dict[str, jax.ShapeDtypeStruct]
+  init: Callable[[], Any]        # the initial train state, created on its shardings
+  num_params: int
+  compile_seconds: float
+  memory: dict[str, int] | None  # bytes per device (None where the backend does not report them)
+  flops: float | None            # per device per step, XLA's count (a multiply-add is 2 FLOPs)
+
+  def random_batch(self, seed: int = 0) -> dict[str, jax.Array]:
+    """A global batch of the right shape: N(0, 0.5^2) examples, uniform labels (for smoke tests)."""
+    rng = np.random.default_rng(seed)
+    x = self.abstract_batch["x"]
+    batch = {"x": (0.5 * rng.standard_normal(x.shape)).astype(np.float32),
+             "label": rng.integers(0, max(self.model.num_classes, 1), self.batch_size).astype(np.int32)}
+    return jax.device_put(batch, self.batch_sharding)
+
+
+def memory_stats(compiled) -> dict[str, int] | None:
+  """Per-device bytes of a compiled program: arguments, outputs, aliased (donated), temporaries, total."""
+  try:
+    mem = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  (some backends do not implement it)
+    return None
+  if mem is None:
+    return None
+  out = {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
+         "aliased": int(mem.alias_size_in_bytes), "temporaries": int(mem.temp_size_in_bytes),
+         "code": int(getattr(mem, "generated_code_size_in_bytes", 0))}
+  out["total"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
+  return out
+
+
+def flop_count(compiled_or_lowered) -> float | None:
+  """XLA's FLOP count of a compiled (per device) or lowered program, None if not reported."""
+  try:
+    cost = compiled_or_lowered.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+def compile_update_fn(config, *, devices=None, input_shape: tuple[int, ...] | None = None,
+                      num_classes: int | None = None) -> CompiledStep:
+  """Lower and compile ``trainer.make_update_fn`` for ``config`` from shapes alone.
+
+  ``devices``: the mesh's devices (default all). ``input_shape`` / ``num_classes``: see
+  :func:`config_data_info`.
+  """
+  config = ml_collections.ConfigDict(config)
+  info = config_data_info(config, input_shape, num_classes)
+  model = build_model(config, info)
+  mesh = parallel.create_mesh(int(config.mesh.data), int(config.mesh.fsdp), devices=devices)
+  tx = make_optimizer(config.optim, int(config.num_steps))
+  objective = make_objective(config, model.net, model.precond, model.null_label)
+  batch_size = int(config.batch_size)
+  parallel.check_batch_layout(batch_size, objective.group_size, mesh, int(config.get("grad_accum_steps", 1)))
+
+  init = functools.partial(init_state, model, tx, int(config.seed))
+  shapes = jax.eval_shape(init)
+  state_sh = parallel.state_shardings(mesh, shapes, int(config.mesh.fsdp_min_size))
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sh)
+  batch_sh = parallel.batch_sharding(mesh)
+  abstract_batch = {
+      "x": jax.ShapeDtypeStruct((batch_size,) + tuple(info.shape), jnp.float32, sharding=batch_sh),
+      "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sh),
+  }
+  jitted = jax.jit(make_update_fn(objective, tx, config), in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,))
+  start = time.perf_counter()
+  compiled = jitted.lower(abstract_state, abstract_batch).compile()
+  seconds = time.perf_counter() - start
+  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes.params))
+  return CompiledStep(
+      compiled=compiled, model=model, mesh=mesh, batch_size=batch_size, state_shardings=state_sh,
+      batch_sharding=batch_sh, abstract_state=abstract_state, abstract_batch=abstract_batch,
+      init=jax.jit(init, out_shardings=state_sh), num_params=num_params, compile_seconds=seconds,
+      memory=memory_stats(compiled), flops=flop_count(compiled))
+
+
+def forward_flops(model: Model, batch_size: int = 1) -> float | None:
+  """XLA's FLOP count of one network forward pass (with labels) at ``batch_size``, from the lowered HLO.
+
+  The paper's Table 5 "GFLOPs" count a multiply-add once, i.e. about half of this per example.
+  """
+  params = model.abstract_params()
+  x = jax.ShapeDtypeStruct((batch_size,) + model.input_shape, jnp.float32)
+  c = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+  y = None if model.null_label is None else jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+  forward = jax.jit(lambda p, x, c, y: model.net.apply({"params": p}, x, c, c, y, train=False))
+  return flop_count(forward.lower(params, x, c, y))
+
+
+def _gib(n: int) -> str:
+  return f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def describe(step: CompiledStep, config) -> str:
+  devices = step.mesh.devices.size
+  mesh = " x ".join(f"{k}={v}" for k, v in step.mesh.shape.items())
+  accum = int(config.get("grad_accum_steps", 1))
+  lines = [
+      f"model: {step.num_params / 1e6:.2f}M parameters, input {step.model.input_shape}, "
+      f"{step.model.num_classes} classes",
+      f"step: global batch {step.batch_size} ({step.batch_size // devices} per device"
+      + (f", {accum} micro-batches" if accum > 1 else "") + f") on {devices} {step.mesh.devices.flat[0].platform}"
+      f" devices, mesh {mesh}; compiled in {step.compile_seconds:.1f} s",
+  ]
+  if step.memory is not None:
+    m = step.memory
+    lines.append(f"memory per device: arguments {_gib(m['arguments'])}, outputs {_gib(m['outputs'])} "
+                 f"({_gib(m['aliased'])} aliased with the donated state), temporaries {_gib(m['temporaries'])}"
+                 f", total {_gib(m['total'])}")
+  else:
+    lines.append("memory per device: not reported by this backend")
+  if step.flops is not None:
+    lines.append(f"FLOPs per step: {step.flops / 1e12:.3f} TFLOP per device, {step.flops * devices / 1e12:.3f} "
+                 f"TFLOP in all ({step.flops * devices / step.batch_size / 1e9:.2f} GFLOP per example)")
+  return "\n".join(lines)
+
+
+def run_steps(step: CompiledStep, num_steps: int, seed: int = 0):
+  """Run the compiled step ``num_steps`` times on random batches from a fresh state.
+
+  Returns (state, per-step metrics as floats, seconds per step after the first)."""
+  state = step.init()
+  history, times = [], []
+  for i in range(num_steps):
+    batch = step.random_batch(seed + i)
+    start = time.perf_counter()
+    state, metrics = step.compiled(state, batch)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    times.append(time.perf_counter() - start)
+    history.append(metrics)
+  per_step = float(np.mean(times[1:])) if len(times) > 1 else (times[0] if times else float("nan"))
+  return state, history, per_step
+
+
+def main(argv):
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  if FLAGS.num_devices:
+    jax.config.update("jax_num_cpu_devices", FLAGS.num_devices)  # CPU only; before the backend starts
+  devices = jax.devices()
+  if FLAGS.num_devices:
+    if len(devices) < FLAGS.num_devices:
+      raise app.UsageError(
+          f"--num_devices={FLAGS.num_devices} but only {len(devices)} {devices[0].platform} devices are "
+          f"visible; compile for a CPU stand-in with JAX_PLATFORMS=cpu")
+    devices = devices[:FLAGS.num_devices]
+  input_shape = tuple(int(d) for d in FLAGS.input_shape.split(",")) if FLAGS.input_shape else None
+  config = FLAGS.config
+  step = compile_update_fn(config, devices=devices, input_shape=input_shape, num_classes=FLAGS.num_classes)
+  print(describe(step, config), flush=True)
+  if FLAGS.steps:
+    _, history, seconds = run_steps(step, FLAGS.steps, seed=int(config.seed))
+    for i, metrics in enumerate(history, 1):
+      print(f"step {i}: loss {metrics['loss']:.6g}, grad_norm {metrics['grad_norm']:.4g}", flush=True)
+    print(f"{seconds:.3f} s per step after the first ({step.batch_size / seconds:.1f} examples/s)", flush=True)
+
+
+def run():
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  # Defined here, not at import, so that importing this module as a library defines no flags.
+  config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:variant]).",
+                                  lock_config=True)
+  flags.DEFINE_integer("num_devices", None, "Devices in the mesh (default: all; on CPU, fakes this many).")
+  flags.DEFINE_string("input_shape", None, "Example shape, e.g. 32,32,4 (default: from config.data).")
+  flags.DEFINE_integer("num_classes", None, "Classes (default: config.model/data.num_classes, else 0).")
+  flags.DEFINE_integer("steps", 0, "Also run this many steps on random batches and time them.")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
