@@ -1,0 +1,154 @@
+"""Throughput of the real jitted training step and sampler.
+
+  python -m imm_jax.benchmark --config configs/imagenet256.py:XL/2 --config.batch_size=128 --what train
+  python -m imm_jax.benchmark --config configs/imagenet256.py:XL/2 --what sample --steps 8 --cfg_scale 1.5
+
+Times the compiled step (or sampler) after warm-up, synchronised with the device, and reports the median
+of ``--repeats``: examples per second, model FLOPs utilisation against ``--peak_tflops`` (FLOPs both from
+an analytic count of the network and from XLA's cost analysis), and peak device memory where the backend
+reports it. Results go into docs/benchmarks.md with the command, device and date.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from imm_jax import aot, sampling
+
+# Forward passes per example in one IMM step: forward + backward (counted as two) on x_t, forward on x_r.
+IMM_PASSES_PER_STEP = 4
+
+
+def dit_forward_flops(net, input_shape) -> float | None:
+  """Analytic FLOPs (2 per multiply-add) of one DiT forward pass per example; None for other networks."""
+  if type(net).__name__ != "DiT":
+    return None
+  h, w, c = input_shape
+  p, d, depth = net.patch_size, net.hidden_size, net.depth
+  tokens = (h // p) * (w // p)
+  mlp = int(net.mlp_ratio * d)
+  per_block = tokens * (4 * d * d + 2 * d * mlp) + 2 * tokens * tokens * d + 6 * d * d
+  macs = (depth * per_block + tokens * p * p * c * d          # patch embedding
+          + tokens * d * p * p * c + 2 * d * d                 # final linear and its adaLN
+          + 2 * (256 * d + d * d) * (2 if net.s_embed else 1))  # time embeddings
+  return 2.0 * macs
+
+
+def peak_memory_bytes() -> int | None:
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else int(stats.get("peak_bytes_in_use", 0)) or None
+
+
+def _median_seconds(fn, repeats: int, warmup: int) -> float:
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def benchmark_train(config, repeats: int = 10, warmup: int = 2) -> dict:
+  step = aot.compile_update_fn(config)
+  state = step.init()
+  batch = step.random_batch(int(config.seed))
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = step.compiled(holder["state"], batch)
+    return metrics
+
+  seconds = _median_seconds(run, repeats, warmup)
+  per_example = dit_forward_flops(step.model.net, step.model.input_shape)
+  devices = step.mesh.devices.size
+  result = {"what": "train", "batch_size": step.batch_size, "seconds_per_step": seconds,
+            "examples_per_second": step.batch_size / seconds, "devices": devices,
+            "xla_tflop_per_step": None if step.flops is None else step.flops * devices / 1e12,
+            "analytic_tflop_per_step": None if per_example is None
+            else per_example * IMM_PASSES_PER_STEP * step.batch_size / 1e12,
+            "compile_seconds": step.compile_seconds, "peak_memory_bytes": peak_memory_bytes()}
+  return result
+
+
+def benchmark_sample(config, steps: int, cfg_scale: float, batch_size: int, repeats: int = 10,
+                     warmup: int = 2) -> dict:
+  info = aot.config_data_info(config)
+  from imm_jax.builder import build_model  # pylint: disable=import-outside-toplevel
+  model = build_model(config, info)
+  params = jax.jit(model.init_params)(jax.random.key(0))
+  noise = sampling.prior_noise(jax.random.key(1), (batch_size,) + model.input_shape, model.precond.sigma_d)
+  labels = None
+  guided = model.null_label is not None and cfg_scale != 1.0
+  if model.null_label is not None:
+    labels = jnp.arange(batch_size, dtype=jnp.int32) % model.num_classes
+  times = sampling.make_schedule("uniform", steps, model.precond.interpolant, float(config.imm.eps),
+                                 float(config.imm.T))
+
+  def run():
+    return sampling.generate(model.net, params, model.precond, noise, times, labels, cfg_scale,
+                             guided=guided, null_label=model.null_label)
+
+  seconds = _median_seconds(run, repeats, warmup)
+  per_example = dit_forward_flops(model.net, model.input_shape)
+  passes = steps * (2 if guided else 1)
+  return {"what": "sample", "steps": steps, "cfg_scale": cfg_scale, "batch_size": batch_size,
+          "seconds_per_batch": seconds, "images_per_second": batch_size / seconds,
+          "analytic_tflop_per_batch": None if per_example is None else per_example * passes * batch_size / 1e12,
+          "peak_memory_bytes": peak_memory_bytes()}
+
+
+def report(result: dict, peak_tflops: float | None) -> str:
+  tflop = result.get("analytic_tflop_per_step") or result.get("analytic_tflop_per_batch")
+  seconds = result.get("seconds_per_step") or result.get("seconds_per_batch")
+  device = jax.devices()[0]
+  lines = [f"{datetime.date.today().isoformat()} on {len(jax.devices())} x {device.device_kind} ({device.platform})",
+           json.dumps(result, indent=1)]
+  if tflop and peak_tflops:
+    lines.append(f"model FLOPs utilisation (analytic): {100 * tflop / seconds / (peak_tflops * result.get('devices', 1)):.1f}% "
+                 f"of {peak_tflops} TFLOP/s per device")
+  if result.get("xla_tflop_per_step") and peak_tflops:
+    lines.append(f"model FLOPs utilisation (XLA count): "
+                 f"{100 * result['xla_tflop_per_step'] / seconds / (peak_tflops * result['devices']):.1f}%")
+  return "\n".join(lines)
+
+
+def main(argv):
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  config = FLAGS.config
+  if FLAGS.what == "train":
+    result = benchmark_train(config, FLAGS.repeats, FLAGS.warmup)
+  else:
+    result = benchmark_sample(config, FLAGS.steps, FLAGS.cfg_scale, FLAGS.batch_size or int(config.batch_size),
+                              FLAGS.repeats, FLAGS.warmup)
+  print(report(result, FLAGS.peak_tflops), flush=True)
+
+
+def run():
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
+  flags.DEFINE_enum("what", "train", ["train", "sample"], "Time the training step or the sampler.")
+  flags.DEFINE_integer("steps", 1, "Sampling steps (--what=sample).")
+  flags.DEFINE_float("cfg_scale", 1.0, "Guidance scale (--what=sample; 1 = no guidance pass).")
+  flags.DEFINE_integer("batch_size", 0, "Sampling batch (default: config.batch_size).")
+  flags.DEFINE_integer("repeats", 10, "Timed repeats (the median is reported).")
+  flags.DEFINE_integer("warmup", 2, "Untimed repeats first (compilation, autotuning).")
+  flags.DEFINE_float("peak_tflops", None, "Per-device peak TFLOP/s for the utilisation figure.")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()
