@@ -9,7 +9,7 @@ Flags may be spelled with dashes or underscores (--cfg-scale / --cfg_scale). --s
 w = 1.5). The .npz holds ``samples`` (float32, model space, before any decoding or clipping), ``labels``
 and, for image data, ``images`` (uint8 NHWC); a PNG grid is written beside it (same name, .png) for image
 and 2-D point data. Latent models (data kind 'latent', e.g. ImageNet SD-VAE latents) write only the .npz:
-there is no VAE decoder in imm_jax yet.
+this executable does not decode latents to images yet.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ flags.DEFINE_string("labels", None, "Class ids, .npy of shape (N,); num_classes 
 flags.DEFINE_integer("batch_size", 256, "Samples per device batch.")
 flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step to load (default: latest).")
 flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+flags.DEFINE_string("vae", None, "Latent models: the SD-VAE folder (config.json + "
+                    "diffusion_pytorch_model.safetensors) that decodes the samples to images. Default: "
+                    "config.data.vae, else the VAE that imm_jax.encode recorded for the training data.")
 flags.mark_flags_as_required(["workdir", "out"])
 
 
@@ -60,7 +63,7 @@ def _load_array(path: str, flag: str):
 def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: str | None = None,
                    mid_etas=None, sampler: str = "pushforward", cfg_scale: float | None = None, seed: int = 0,
                    noise=None, labels=None, batch_size: int = 256, checkpoint_step: int | None = None,
-                   overwrite: bool = False, progress: bool = True) -> dict:
+                   overwrite: bool = False, progress: bool = True, vae: str | None = None) -> dict:
   """Generate samples and write ``out`` (.npz) and, for image and point data, its PNG grid atomically.
 
   ``schedule`` / ``mid_etas`` / ``cfg_scale`` None: the config's ``sample`` section (mid_etas from the
@@ -81,6 +84,11 @@ def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: st
     raise FileExistsError(f"--out={out} exists; choose another path or pass --overwrite")
   config = checkpoints.read_config(workdir)
   model = build_model(config)
+  decoder = None
+  if model.kind == "latent":  # SD-VAE latents: decode when a VAE is known (missing weights: one-line error)
+    from imm_jax.data import latents as latents_lib
+    if latents_lib.vae_path_for(config.data, vae):
+      decoder = latents_lib.latent_decoder(config.data, vae_path=vae, option="--vae")
   variables, ckpt_step = checkpoints.restore_ema_variables(workdir, model.abstract_params(), checkpoint_step)
   params = variables.pop("params")
   sigma_d = model.precond.sigma_d
@@ -133,9 +141,13 @@ def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: st
     result["labels"] = labels
   if model.kind == "image":
     result["images"] = data_lib.to_uint8(samples)
+  elif decoder is not None:
+    result["images"] = decoder(samples)
   _save_npz_atomic(out, result)
   if model.kind in ("image", "points"):
     images_lib.save_png(out[:-4] + ".png", render(model, samples[:256]))
+  elif "images" in result:
+    images_lib.save_png(out[:-4] + ".png", images_lib.make_grid(result["images"][:256]))
   return result
 
 
@@ -158,7 +170,7 @@ def main(argv):
                             schedule=FLAGS.schedule, mid_etas=FLAGS.mid_etas, sampler=FLAGS.sampler,
                             cfg_scale=FLAGS.cfg_scale, seed=FLAGS.seed, noise=noise, labels=labels,
                             batch_size=FLAGS.batch_size, checkpoint_step=FLAGS.checkpoint_step,
-                            overwrite=FLAGS.overwrite)
+                            overwrite=FLAGS.overwrite, vae=FLAGS.vae)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     _fail(str(e))
   png = f" (and {FLAGS.out[:-4]}.png)" if os.path.exists(FLAGS.out[:-4] + ".png") else ""

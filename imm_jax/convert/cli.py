@@ -20,12 +20,11 @@ Errors (unknown / missing keys, shape mismatches, unsupported options) are one l
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
-import argparse
-
-NAMES = ("cifar10", "imagenet256_ts_a2", "imagenet256_s_a1")
+from imm_jax.convert.released import NAMES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +84,8 @@ def load_source(*, reference: str | None = None, pickle: str | None = None, yaml
     meta, notes = generation_yaml.meta_from_generation_config(
         generation_yaml.read_generation_yaml(yaml), pickle_attributes=attributes)
   else:
-    meta, notes = released.network_meta(name), []
+    meta = released.network_meta(name)
+    notes = generation_yaml.disagreements(meta["precond"], attributes, f"--name {name}")
   return state_dict, meta, os.path.abspath(path), notes
 
 
@@ -93,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   from imm_jax.convert.pickle_io import PickleError
   from imm_jax.convert.released import FetchError
-  from imm_jax.convert.workdir import convert_to_workdir
+  from imm_jax.convert.workdir import check_out, convert_to_workdir
 
   try:
+    check_out(args.out, args.overwrite)  # before a download or a long read
     state_dict, meta, source, notes = load_source(
         reference=args.reference, pickle=args.pickle, yaml=args.yaml, name=args.name,
         download_dir=args.download_dir)

@@ -54,18 +54,19 @@ def meta_from_generation_config(cfg: Mapping[str, Any], *, pickle_attributes: Ma
         precond[key] = cfg[top]
       elif attrs.get(key) is not None:
         precond[key] = attrs[key]
-  for section, values in (("network", precond), ("network", net)):
-    for key, value in values.items():
-      if isinstance(value, str) and "${" in value:
-        raise ValueError(f"{section}.{key}={value!r} is an unresolved interpolation: give its value")
-  notes = []
-  for key, value in precond.items():
-    if key in attrs and attrs[key] is not None and not _same(attrs[key], value):
-      notes.append(f"network.{key}: the YAML says {value!r}, the pickle recorded {attrs[key]!r}; "
-                   f"using the YAML")
+  for key, value in {**precond, **net}.items():
+    if isinstance(value, str) and "${" in value:
+      raise ValueError(f"network.{key}={value!r} is an unresolved interpolation: give its value")
   meta = {"precond": precond, "model": net,
           "sample": sample_defaults(cfg.get("sampling"), int(precond.get("label_dim") or 0))}
-  return meta, notes
+  return meta, disagreements(precond, attrs, "the YAML")
+
+
+def disagreements(precond: Mapping[str, Any], attributes: Mapping[str, Any], what: str) -> list[str]:
+  """One note per precond option where ``what`` (used) and the pickle's recorded attribute differ."""
+  return [f"network.{key}: {what} says {value!r}, the pickle recorded {attributes[key]!r}; using {what}"
+          for key, value in precond.items()
+          if attributes.get(key) is not None and not _same(attributes[key], value)]
 
 
 def _same(a, b) -> bool:

@@ -67,6 +67,7 @@ def convert_to_workdir(state_dict: Mapping[str, np.ndarray], meta: Mapping[str, 
   sin-cos table is kept as the ``buffers/pos_embed`` variable. ``out`` must not exist or be empty
   unless ``overwrite`` (which replaces its config.json and checkpoints/ only).
   """
+  check_out(out, overwrite)
   config = config_from_reference(meta, state_dict=state_dict, source=source)
   model = build_model(config)
   variables = variables_from_state_dict(state_dict, model.net, config.model)
@@ -82,13 +83,18 @@ def convert_to_workdir(state_dict: Mapping[str, np.ndarray], meta: Mapping[str, 
   return config
 
 
-def _prepare_out(out: str, overwrite: bool):
+def check_out(out: str, overwrite: bool):
+  """FileExistsError unless ``out`` is new or empty (or ``overwrite``)."""
   if os.path.isfile(out):
     raise FileExistsError(f"--out={out} is a file; give a directory")
+  if os.path.isdir(out) and os.listdir(out) and not overwrite:
+    raise FileExistsError(f"--out={out} exists and is not empty; choose another directory or pass "
+                          f"--overwrite (replaces its config.json and checkpoints/)")
+
+
+def _prepare_out(out: str, overwrite: bool):
+  check_out(out, overwrite)
   if os.path.isdir(out) and os.listdir(out):
-    if not overwrite:
-      raise FileExistsError(f"--out={out} exists and is not empty; choose another directory or pass "
-                            f"--overwrite (replaces its config.json and checkpoints/)")
     shutil.rmtree(checkpoints.checkpoint_dir(out), ignore_errors=True)
     config_path = os.path.join(out, checkpoints.CONFIG_FILE)
     if os.path.exists(config_path):

@@ -18,6 +18,9 @@ Datasets (``config.data.name``):
   classes, sorted by name) or a ``.npy``/``.npz`` array of uint8 images. A fixed fraction
   ``holdout_fraction`` is held out by a fixed permutation.
 * ``'tfds'``: ``tfds.data_source`` (ArrayRecord, no TensorFlow), features ``'image'`` and ``'label'``.
+* ``'latents'``: SD-VAE latents pre-encoded by ``python -m imm_jax.encode`` (``path`` = its ``--out``
+  folder), see :mod:`imm_jax.data.latents`: records hold the posterior mean and std; a random transform
+  draws ``mean + std * N(0, 1)`` per example and ``to_model_space`` normalises it per channel (x 0.5).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from PIL import Image
 
 from imm_jax.data import toy2d
 
-DATASET_NAMES = ('digits', 'toy2d', 'images', 'tfds')
+DATASET_NAMES = ('digits', 'toy2d', 'images', 'tfds', 'latents')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
 # Fixed seeds of the held-out splits: they must not depend on the training seed, so that the held-out
@@ -66,6 +69,10 @@ class ResolvedDataset:
     to_model_space: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
     reads_files: bool  # decoding happens per record (worth a few reader threads)
     x_flip: bool
+    # Optional per-batch random step applied by the training pipeline right after the records are gathered
+    # (before flips and to_model_space): ``random_transform(global_batch, rows)`` returns a grain random map
+    # ``(batch, rng) -> batch`` (rng seeded by the batch index; rows = this process' rows of the global batch).
+    random_transform: Callable[[int, tuple[int, int]], Callable[[dict, np.random.Generator], dict]] | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -532,4 +539,8 @@ def resolve(data_cfg, *, need_train: bool = True, need_eval: bool = False) -> Re
         return _images(data_cfg)
     if name == 'tfds':
         return _tfds(data_cfg, need_train=need_train, need_eval=need_eval)
+    if name == 'latents':
+        from imm_jax.data import latents  # pylint: disable=import-outside-toplevel
+
+        return latents.resolve_latents(data_cfg)
     raise ValueError(f'config.data.name={name!r} is not valid; choose one of {", ".join(DATASET_NAMES)}.')
