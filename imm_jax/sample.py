@@ -8,8 +8,8 @@ Flags may be spelled with dashes or underscores (--cfg-scale / --cfg_scale). --s
 --cfg-scale default to the workdir config's ``sample`` section (a converted ImageNet checkpoint: uniform,
 w = 1.5). The .npz holds ``samples`` (float32, model space, before any decoding or clipping), ``labels``
 and, for image data, ``images`` (uint8 NHWC); a PNG grid is written beside it (same name, .png) for image
-and 2-D point data. Latent models (data kind 'latent', e.g. ImageNet SD-VAE latents) write only the .npz:
-this executable does not decode latents to images yet.
+and 2-D point data. Latent models (data kind 'latent', e.g. ImageNet SD-VAE latents) are decoded with the
+SD-VAE given by --vae (or the one recorded with the data); without one they write the latents only.
 """
 
 from __future__ import annotations
