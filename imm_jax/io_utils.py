@@ -8,6 +8,10 @@ import os
 import tempfile
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str, mode: str = "wb", **open_kwargs):
   """Open a temporary file beside ``path``; on success it is fsynced and renamed over ``path``."""
@@ -16,6 +20,7 @@ def atomic_open(path: str, mode: str = "wb", **open_kwargs):
   suffix = os.path.splitext(path)[1]
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
   try:
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
     with os.fdopen(fd, mode, **open_kwargs) as f:
       yield f
       f.flush()
