@@ -14,11 +14,11 @@ Variants (``--config configs/imagenet256.py:VARIANT``; 8-step FID at w = 1.5 in 
 Precision: float32 (the paper's TF32 on GPUs). The best run was trained in FP16 (Table 8); the
 network's compute dtype is ``--config.model.dtype`` (no loss scaling is implemented).
 
-Data: NOT RUNNABLE YET. The model trains on pre-encoded SD-VAE latents (per-channel mean/std below, times
-0.5, sampled as mean + std * N(0, 1)); that pipeline is a later issue (issue 7). Until it exists,
-``config.data.name = 'latents'`` is rejected by imm_jax.data when training starts ("config.data.name=
-'latents' is not valid; choose one of ..."). What works today reads no data: ahead-of-time compilation
-with per-device memory and FLOPs, which takes the shapes from config.data.image_size / channels and
+Data: SD-VAE latents pre-encoded by ``python -m imm_jax.encode`` (imm_jax.data.latents); set
+``--config.data.path`` to its ``--out`` folder. Each step draws z = mean + std * N(0, 1) per example and
+normalises it per channel with the paper's statistics below, times 0.5. With no path, training stops at
+once with an error naming config.data.path. Ahead-of-time compilation (per-device memory and FLOPs, a few
+steps on random batches) needs no data: it takes the shapes from config.data.image_size / channels and
 config.model.num_classes::
 
   python -m imm_jax.aot --config configs/imagenet256.py:XL/2 --num_devices 8
@@ -31,7 +31,7 @@ from imm_jax.models.dit import DIT_PRESETS
 
 VARIANTS = ("S/2", "B/2", "L/2", "XL/2", "XL/2-ts-a2")
 
-# SD-VAE latent statistics (spec section 1): latent = (z - mean) / std * 0.5, so each channel has std ~0.5.
+# SD-VAE latent statistics (spec section 1): x = (z - mean) / std * 0.5, so each channel has std ~0.5.
 LATENT_MEAN = (0.86488, -0.27787343, 0.21616915, 0.3738409)
 LATENT_STD = (4.85503674, 5.31922414, 3.93725398, 3.9870003)
 
@@ -48,7 +48,7 @@ def get_config(arg: str = "XL/2-ts-a2"):
   c.sample_every = 10_000
   c.checkpoint.update(every=10_000, keep=3, keep_period=100_000)
   c.data.update(name="latents", path="", image_size=32, x_flip=False, worker_count=8, prefetch_buffer=4)
-  c.data.channels = 4
+  c.data.channels = 4  # channels and num_classes: for tools that read no data (imm_jax.aot)
   c.data.num_classes = 1000
   c.data.latent_mean = LATENT_MEAN
   c.data.latent_std = LATENT_STD

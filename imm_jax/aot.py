@@ -55,8 +55,8 @@ def config_data_info(config, input_shape: tuple[int, ...] | None = None,
   if num_classes is None:
     num_classes = int(config.model.get("num_classes", 0) or data.get("num_classes", 0) or 0)
   input_shape = tuple(int(d) for d in input_shape)
-  return data_lib.DataInfo(shape=input_shape, num_classes=int(num_classes),
-                           kind="points" if len(input_shape) == 1 else "image", name=str(data.name))
+  kind = "points" if len(input_shape) == 1 else ("latent" if data.name == "latents" else "image")
+  return data_lib.DataInfo(shape=input_shape, num_classes=int(num_classes), kind=kind, name=str(data.name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +71,11 @@ class CompiledStep:
   batch_sharding: NamedSharding
   abstract_state: Any            # ShapeDtypeStructs with shardings
   abstract_batch: dict[str, jax.ShapeDtypeStruct]
-  init: Callable[[], Any]        # the initial train state, created on its shardings
+  init: Callable[[], Any]        # a fresh train state on its shardings (as the trainer makes one)
   num_params: int
   compile_seconds: float
   memory: dict[str, int] | None  # bytes per device (None where the backend does not report them)
-  flops: float | None            # per device per step, XLA's count (a multiply-add is 2 FLOPs)
+  flops: float | None            # per device per step (a multiply-add is 2 FLOPs); see compile_update_fn
 
   def random_batch(self, seed: int = 0) -> dict[str, jax.Array]:
     """A global batch of the right shape: N(0, 0.5^2) examples, uniform labels (for smoke tests)."""
@@ -119,7 +119,9 @@ def compile_update_fn(config, *, devices=None, input_shape: tuple[int, ...] | No
   """Lower and compile ``trainer.make_update_fn`` for ``config`` from shapes alone.
 
   ``devices``: the mesh's devices (default all). ``input_shape`` / ``num_classes``: see
-  :func:`config_data_info`.
+  :func:`config_data_info`. FLOPs: XLA's cost analysis counts a loop body once, so with
+  ``config.grad_accum_steps = n`` its count (one micro-batch plus the optimizer update) is scaled by n;
+  that over-counts the update (a few FLOPs per parameter) by n - 1 times, negligible beside the network.
   """
   config = ml_collections.ConfigDict(config)
   info = config_data_info(config, input_shape, num_classes)
@@ -128,12 +130,25 @@ def compile_update_fn(config, *, devices=None, input_shape: tuple[int, ...] | No
   tx = make_optimizer(config.optim, int(config.num_steps))
   objective = make_objective(config, model.net, model.precond, model.null_label)
   batch_size = int(config.batch_size)
-  parallel.check_batch_layout(batch_size, objective.group_size, mesh, int(config.get("grad_accum_steps", 1)))
+  accum = int(config.get("grad_accum_steps", 1))
+  parallel.check_batch_layout(batch_size, objective.group_size, mesh, accum)
 
-  init = functools.partial(init_state, model, tx, int(config.seed))
-  shapes = jax.eval_shape(init)
+  # The state's layout as the trainer derives it (a distillation objective adds its teacher's arrays,
+  # which are parameter-shaped).
+  init_fn = functools.partial(init_state, model, tx, int(config.seed), objective)
+  teacher_items = tuple(getattr(objective, "teacher_items", ()))
+  params_shape = jax.eval_shape(lambda: model.init_params(jax.random.key(0)))
+  shapes = jax.eval_shape(init_fn, {k: params_shape for k in teacher_items} if teacher_items else None)
   state_sh = parallel.state_shardings(mesh, shapes, int(config.mesh.fsdp_min_size))
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sh)
+
+  def init():
+    teacher = None
+    if teacher_items:  # for smoke tests only: fresh parameters as the teacher, a unit preconditioner
+      fresh = model.init_params(jax.random.key(int(config.seed) + 1))
+      teacher = {k: fresh if k == "params" else jax.tree.map(jnp.ones_like, fresh) for k in teacher_items}
+    return jax.jit(init_fn, out_shardings=state_sh)(teacher)
+
   batch_sh = parallel.batch_sharding(mesh)
   abstract_batch = {
       "x": jax.ShapeDtypeStruct((batch_size,) + tuple(info.shape), jnp.float32, sharding=batch_sh),
@@ -144,12 +159,13 @@ def compile_update_fn(config, *, devices=None, input_shape: tuple[int, ...] | No
   start = time.perf_counter()
   compiled = jitted.lower(abstract_state, abstract_batch).compile()
   seconds = time.perf_counter() - start
+  flops = flop_count(compiled)
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes.params))
   return CompiledStep(
       compiled=compiled, model=model, mesh=mesh, batch_size=batch_size, state_shardings=state_sh,
       batch_sharding=batch_sh, abstract_state=abstract_state, abstract_batch=abstract_batch,
-      init=jax.jit(init, out_shardings=state_sh), num_params=num_params, compile_seconds=seconds,
-      memory=memory_stats(compiled), flops=flop_count(compiled))
+      init=init, num_params=num_params, compile_seconds=seconds,
+      memory=memory_stats(compiled), flops=None if flops is None else flops * accum)
 
 
 def forward_flops(model: Model, batch_size: int = 1) -> float | None:
@@ -233,7 +249,8 @@ def main(argv):
     _, history, seconds = run_steps(step, FLAGS.steps, seed=int(config.seed))
     for i, metrics in enumerate(history, 1):
       print(f"step {i}: loss {metrics['loss']:.6g}, grad_norm {metrics['grad_norm']:.4g}", flush=True)
-    print(f"{seconds:.3f} s per step after the first ({step.batch_size / seconds:.1f} examples/s)", flush=True)
+    which = "after the first" if FLAGS.steps > 1 else "(one step: includes the first call's overhead)"
+    print(f"{seconds:.3f} s per step {which}, {step.batch_size / seconds:.1f} examples/s", flush=True)
 
 
 def run():

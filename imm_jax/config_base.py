@@ -12,7 +12,7 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.objective = "imm"               # imm
+  c.objective = "imm"               # imm | flow_matching | moment_matching (imm_jax/objectives)
   c.num_steps = 1000
   c.batch_size = 128                # global batch over all devices and hosts (B)
   c.grad_accum_steps = 1            # micro-batches per step (each holds whole particle groups)
@@ -40,13 +40,24 @@ def base_config() -> ml_collections.ConfigDict:
       group_size=4, eps=0.006, T=0.994, k=12, eta_max=160.0, eta_min=0.0, min_gap=0.0,
       kernel="laplace", weight_a=1.0, weight_b=4.0, label_dropout=0.0))
 
+  # Flow matching (objectives/flow_matching.py): t ~ U(eps, T), also the samplers' range.
+  c.flow_matching = ml_collections.ConfigDict(dict(eps=0.0, T=1.0, prediction="velocity", label_dropout=0.0))
+
+  # Moment-matching distillation (objectives/moment_matching.py, spec mm_distill.md) of the teacher in
+  # ``teacher.workdir`` (a run with the same model and precond sections; step: None = latest).
+  c.moment_matching = ml_collections.ConfigDict(dict(
+      variant="alternating", k=8, s_min=0.0, weight="auto", weight_max=1e4, posterior="conditional",
+      aux_teacher_reg=True, preconditioner="adam", teacher_cfg_scale=1.0))
+  c.teacher = ml_collections.ConfigDict(dict(workdir="", step=ml_collections.config_dict.placeholder(int)))
+
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0,
       schedule="constant", grad_clip=0.0))
   c.ema = ml_collections.ConfigDict(dict(decay=0.9999, warmup=False))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**18))
 
-  # Sample grids during training (and the defaults of imm_jax.sample).
+  # Sample grids during training (and the defaults of imm_jax.sample). sampler: pushforward | restart
+  # (IMM), euler | heun (flow ODE), ancestral (moment matching's Alg. 1).
   c.sample = ml_collections.ConfigDict(dict(
       steps=(1, 2, 4), num=64, schedule="default", mid_etas=(), sampler="pushforward", cfg_scale=1.0))
   # Sample quality against held-out data (energy distance, RBF MMD) at the end of training.

@@ -3,6 +3,11 @@
 A single jit-compiled step (``update_fn(state, batch) -> (state, metrics)``) with the state donated,
 shardings given at the jit boundary, and all randomness derived from (seed, step) so that a resumed
 run continues exactly where an uninterrupted one would be.
+
+Objectives (imm_jax/objectives) plug in: IMM and flow matching train one network; moment-matching
+distillation also owns ``TrainState.extra`` (the frozen teacher loaded from ``config.teacher.workdir``,
+an auxiliary network and its optimizer state, Adam's preconditioner), which is checkpointed with the
+rest so a distillation run resumes without its teacher workdir.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from imm_jax import images as images_lib
 from imm_jax import sampling
 from imm_jax.builder import Model, build_model
 from imm_jax.evaluation import distances
-from imm_jax.objectives import make_objective
+from imm_jax.objectives import make_objective, time_range
 from imm_jax.writers import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -41,14 +46,23 @@ class TrainState:
   params: Any
   ema_params: Any
   opt_state: Any
+  extra: Any = flax.struct.field(default_factory=dict)  # objective-owned state ({} for IMM / FM)
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-  """AdamW / RAdam / Adam with optional linear warmup, cosine decay and global-norm clipping."""
+  """AdamW / RAdam / Adam with optional linear warmup, cosine or linear decay (to 0 at ``num_steps``) and
+  global-norm clipping."""
   lr = float(cfg.lr)
   warmup = int(cfg.get("warmup_steps", 0))
-  if cfg.get("schedule", "constant") == "cosine":
+  kind = cfg.get("schedule", "constant")
+  if kind not in ("constant", "cosine", "linear"):
+    raise ValueError(f"unknown schedule {kind!r} (config.optim.schedule): choose constant, cosine or linear")
+  if kind == "cosine":
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(num_steps, warmup + 1))
+  elif kind == "linear":
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, max(warmup, 1)),
+                                     optax.linear_schedule(lr, 0.0, max(num_steps - warmup, 1))],
+                                    [max(warmup, 1)])
   elif warmup > 0:
     schedule = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)],
                                     [warmup])
@@ -92,23 +106,29 @@ def make_update_fn(objective, tx, config):
   accum = int(config.get("grad_accum_steps", 1))
   ema_decay, ema_warmup = float(config.ema.decay), bool(config.ema.warmup)
   grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+  has_extra = has_objective_state(objective)
 
   def update_fn(state: TrainState, batch):
     rng = jax.random.fold_in(base_key, state.step)
     k_prep, k_net = jax.random.split(rng)
     inputs = objective.prepare(batch, k_prep)
+    extra, loss_args, metrics_extra = state.extra, (), {}
+    if has_extra:
+      k_net, k_extra = jax.random.split(k_net)
+      extra, metrics_extra = objective.update_extra(state.extra, state.params, inputs, k_extra, tx)
+      loss_args = (extra,)
     if accum == 1:
-      (_, metrics), grads = grad_fn(state.params, inputs, k_net)
+      (_, metrics), grads = grad_fn(state.params, inputs, k_net, *loss_args)
     else:
       micro = jax.tree.map(lambda v: _split_micro(v, accum, objective.group_size), inputs)
 
       def body(carry, xs):
         i, mb = xs
-        (_, met), gr = grad_fn(state.params, mb, jax.random.fold_in(k_net, i))
+        (_, met), gr = grad_fn(state.params, mb, jax.random.fold_in(k_net, i), *loss_args)
         return jax.tree.map(jnp.add, carry, (gr, met)), None
 
       first = jax.tree.map(lambda v: v[0], micro)
-      shapes = jax.eval_shape(lambda: grad_fn(state.params, first, k_net))
+      shapes = jax.eval_shape(lambda: grad_fn(state.params, first, k_net, *loss_args))
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
       (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
       grads, metrics = jax.tree.map(lambda v: v / accum, (grads, metrics))
@@ -116,16 +136,74 @@ def make_update_fn(objective, tx, config):
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, ema_decay, ema_warmup)
     ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
-    return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
+    metrics = dict(metrics, **metrics_extra, grad_norm=optax.tree.norm(grads), param_norm=optax.tree.norm(params))
+    return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
+                      extra=extra), metrics
 
   return update_fn
 
 
-def init_state(model: Model, tx, seed: int) -> TrainState:
+def has_objective_state(objective) -> bool:
+  """Whether the objective owns state besides the trained parameters (objectives/__init__.py)."""
+  return hasattr(objective, "init_extra")
+
+
+def init_state(model: Model, tx, seed: int, objective=None, teacher=None) -> TrainState:
+  """A fresh state; objectives with their own state (distillation) set the initial parameters (the
+  teacher's) and ``extra`` from ``teacher`` (what ``load_teacher`` returns)."""
   params = model.init_params(jax.random.key(seed))
+  extra = {}
+  if objective is not None and has_objective_state(objective):
+    params, extra = objective.init_extra(params, teacher, tx)
+    # Fresh buffers: under jit an output that is an input (the teacher) would come back as that very
+    # array, several times, and the donated state would then donate one buffer twice.
+    params, extra = jax.tree.map(jnp.copy, (params, extra))
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=tx.init(params))
+                    opt_state=tx.init(params), extra=extra)
+
+
+def load_teacher(config, model: Model, items=("params",)) -> dict:
+  """The teacher of a distillation run from ``config.teacher.workdir``: {'params': its EMA parameters
+  [, 'precond': Adam's preconditioner 1 / (sqrt(v_hat) + eps) from its optimizer state]} on the host.
+
+  The teacher must have the student's network and preconditioning (the same ``model`` and ``precond``
+  config sections): the student is initialised from it.
+  """
+  from imm_jax.objectives.moment_matching import adam_preconditioner
+
+  workdir = str(config.teacher.get("workdir", "") or "")
+  if not workdir:
+    raise ValueError(f"objective={config.objective!r} distils a trained model: set --config.teacher.workdir "
+                     f"to a workdir written by imm_jax.train (e.g. a flow-matching run)")
+  teacher_config = checkpoints.read_config(workdir)
+  for section in ("model", "precond"):
+    mine, theirs = config[section].to_dict(), teacher_config[section].to_dict()
+    diff = sorted(k for k in set(mine) | set(theirs) if _as_plain(mine.get(k)) != _as_plain(theirs.get(k)))
+    if diff:
+      raise ValueError(f"the student's config.{section} differs from the teacher's in {workdir} at "
+                       f"{', '.join(f'{section}.{k}: {mine.get(k)!r} vs {theirs.get(k)!r}' for k in diff)}; "
+                       f"the student is initialised from the teacher, so they must match")
+  step = config.teacher.get("step", None)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if "precond" not in items:
+    params, _ = checkpoints.restore_ema_params(workdir, model.abstract_params(device), step)
+    return {"params": jax.device_get(params)}
+  teacher_tx = make_optimizer(teacher_config.optim, int(teacher_config.num_steps))
+  abstract = jax.eval_shape(functools.partial(init_state, model, teacher_tx, 0))
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+  manager = checkpoints.create_manager(workdir, read_only=True, async_save=False)
+  try:
+    if manager.latest_step() is None:
+      raise FileNotFoundError(f"no checkpoint in {checkpoints.checkpoint_dir(workdir)} (config.teacher.workdir)")
+    state = checkpoints.restore(manager, abstract, step=step)
+  finally:
+    manager.close()
+  precond = adam_preconditioner(state.opt_state, float(teacher_config.optim.b2), float(teacher_config.optim.eps))
+  return jax.device_get({"params": state.ema_params, "precond": precond})
+
+
+def _as_plain(v):
+  return list(v) if isinstance(v, tuple) else v
 
 
 class Preemption:
@@ -162,14 +240,26 @@ def sample_grid_noise(model: Model, num: int, seed: int):
 
 
 def generate_samples(model: Model, params, noise, labels, steps: int, config, *, rng=None) -> np.ndarray:
+  """Samples with ``config.sample``'s sampler between the objective's times (``objectives.time_range``):
+  pushforward / restart (IMM), euler / heun (flow ODE), ancestral (moment matching)."""
   cfg = config.sample
   mid_etas = [float(e) for e in cfg.get("mid_etas", ())] if cfg.schedule == "explicit" else None
-  times = sampling.make_schedule(cfg.schedule, steps, model.precond.interpolant, float(config.imm.eps),
-                                 float(config.imm.T), mid_etas=mid_etas)
-  guided = model.null_label is not None and float(cfg.get("cfg_scale", 1.0)) != 1.0
-  out = sampling.generate(model.net, params, model.precond, noise, times, labels,
-                          float(cfg.get("cfg_scale", 1.0)), rng, sampler=cfg.get("sampler", "pushforward"),
-                          guided=guided, null_label=model.null_label)
+  eps, T = time_range(config)
+  times = sampling.make_schedule(cfg.schedule, steps, model.precond.interpolant, eps, T, mid_etas=mid_etas)
+  scale = float(cfg.get("cfg_scale", 1.0))
+  guided = model.null_label is not None and scale != 1.0
+  sampler = cfg.get("sampler", "pushforward")
+  common = dict(guided=guided, null_label=model.null_label)
+  if sampler in sampling.ODE_METHODS:
+    out = sampling.generate_ode(model.net, params, model.precond, noise, times, labels, scale, method=sampler,
+                                **common)
+  elif sampler == "ancestral":
+    rng = jax.random.key(int(config.seed) + steps) if rng is None else rng
+    out = sampling.generate_ancestral(model.net, params, model.precond, noise, times, labels, scale, rng,
+                                      **common)
+  else:
+    out = sampling.generate(model.net, params, model.precond, noise, times, labels, scale, rng,
+                            sampler=sampler, **common)
   return np.asarray(jax.device_get(out), np.float32)
 
 
@@ -215,7 +305,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   parallel.check_batch_layout(int(config.batch_size), objective.group_size, mesh, accum)
   checkpoints.write_config(workdir, config)
 
-  abstract = jax.eval_shape(functools.partial(init_state, model, tx, int(config.seed)))
+  init_fn = functools.partial(init_state, model, tx, int(config.seed), objective)
+  teacher_items = tuple(getattr(objective, "teacher_items", ()))
+  if teacher_items:
+    # The teacher's arrays are parameter-shaped: the state's layout is known without loading them.
+    params_shape = jax.eval_shape(lambda: model.init_params(jax.random.key(0)))
+    abstract = jax.eval_shape(init_fn, {k: params_shape for k in teacher_items})
+  else:
+    abstract = jax.eval_shape(init_fn, None)
   state_sh = parallel.state_shardings(mesh, abstract, int(config.mesh.fsdp_min_size))
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
   local_batch = int(config.batch_size) // jax.process_count()
@@ -233,7 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.truncate_after(start)
     log.info("resumed from step %d in %s", start, workdir)
   else:
-    state = jax.jit(functools.partial(init_state, model, tx, int(config.seed)), out_shardings=state_sh)()
+    teacher = load_teacher(config, model, teacher_items) if teacher_items else None
+    state = jax.jit(init_fn, out_shardings=state_sh)(teacher)
     start = 0
     writer.write_hparams(config.to_dict())
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))

@@ -158,12 +158,30 @@ def test_process_batches_concatenate_to_the_single_process_batch():
 
 
 def test_each_process_reads_only_its_rows_and_restores_them(monkeypatch):
+    import dataclasses
+
     from imm_jax.data import sources
 
     gathered = []
-    original = sources.ArraySource.gather
-    monkeypatch.setattr(sources.ArraySource, 'gather',
-                        lambda self, ids: gathered.append(len(ids)) or original(self, ids))
+
+    class CountingSource(sources.RecordSource):
+        def __init__(self, base):
+            self._base = base
+
+        def __len__(self):
+            return len(self._base)
+
+        def gather(self, ids):
+            gathered.append(len(ids))
+            return self._base.gather(ids)
+
+    original = sources.resolve
+
+    def counting_resolve(cfg, **kwargs):
+        resolved = original(cfg, **kwargs)
+        return dataclasses.replace(resolved, train=CountingSource(resolved.train))
+
+    monkeypatch.setattr(sources, 'resolve', counting_resolve)
     cfg = _digits_cfg(x_flip=True, prefetch_buffer=0)
     it = data.create_train_iterator(cfg, local_batch_size=16, seed=3, process_index=2, process_count=4)
     _take(it, 30)

@@ -7,8 +7,11 @@ Each case runs the real trainer in subprocesses, so that the device count (``XLA
   data x fsdp = 8x1, 4x2, 2x4 (FSDP really shards: ``mesh.fsdp_min_size=1``), with and without gradient
   accumulation;
 * two processes on localhost (``python -m imm_jax.train`` with IMM_COORDINATOR / IMM_NUM_PROCESSES /
-  IMM_PROCESS_ID, 4 CPU devices each) train exactly what one process does with the same global batch;
+  IMM_PROCESS_ID, FSDP across them) train exactly what one process does with the same global batch;
 * a run stopped by SIGTERM saves, exits 0 and resumes to the parameters and losses of an uninterrupted run.
+
+Compiling for 8 CPU devices dominates (~10 s a program); conftest.py's persistent compilation cache,
+which the subprocesses inherit, makes repeated runs cheaper.
 """
 
 from __future__ import annotations
@@ -63,10 +66,12 @@ for workdir, overrides in json.loads(sys.argv[1]):
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def _env(num_devices: int, cache_dir: str, **extra) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if not k.startswith(("IMM_", "XLA_FLAGS", "JAX_"))}
+def _env(num_devices: int, **extra) -> dict[str, str]:
+  """A subprocess environment with ``num_devices`` CPU devices; the persistent compilation cache set up
+  by conftest.py is inherited, so identical programs (resumed runs, repeated test runs) compile once."""
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith("IMM_") and k not in ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_NUM_CPU_DEVICES")}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
-             JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""), **extra)
   return env
 
@@ -117,11 +122,6 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("jax_cache"))
-
-
 def _restore(workdir: str):
   """The full train state of the newest checkpoint (any mesh it was saved from) on one local device."""
   config = checkpoints.read_config(workdir)
@@ -166,67 +166,86 @@ def _assert_same_training(a: str, b: str, exact: bool = False):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache_dir):
-  """The tiny run on one device in one process: what every other layout must reproduce."""
+def reference(tmp_path_factory):
+  """The tiny run on one device in one process, what every other layout must reproduce: started in the
+  background; calling the fixture's value waits for it and returns its workdir."""
   workdir = str(tmp_path_factory.mktemp("one_device") / "run")
-  _wait_all([_start(_train_command(workdir, TINY), _env(1, cache_dir), workdir + ".log")], timeout=300)
-  return workdir
+  proc = _start(_train_command(workdir, TINY), _env(1), workdir + ".log")
+  done = []
+
+  def wait() -> str:
+    if not done:
+      _wait_all([proc], timeout=300)
+      done.append(True)
+    return workdir
+
+  yield wait
+  if not done and proc[0].poll() is None:
+    proc[0].kill()
+    proc[0].wait()
 
 
-def test_meshes_and_gradient_accumulation_match_one_device(reference, tmp_path, cache_dir):
-  runs = {  # on 8 devices (one process), and accumulation alone on one device
-      "8x1": {"mesh.data": 8, "mesh.fsdp": 1},
-      "4x2_accum2": {"mesh.data": 4, "mesh.fsdp": 2, "grad_accum_steps": 2},
-      "2x4": {"mesh.data": 2, "mesh.fsdp": 4},
+@pytest.mark.slow
+def test_meshes_and_gradient_accumulation_match_one_device(reference, tmp_path):
+  runs = {  # on 8 devices (two processes, to use both cores), and accumulation alone on one device
+      "8x1": ({"mesh.data": 8, "mesh.fsdp": 1}, 8, 0),
+      "2x4": ({"mesh.data": 2, "mesh.fsdp": 4}, 8, 0),
+      "4x2_accum2": ({"mesh.data": 4, "mesh.fsdp": 2, "grad_accum_steps": 2}, 8, 1),
+      "1x1_accum4": ({"grad_accum_steps": 4}, 1, 2),
   }
-  accum = str(tmp_path / "1x1_accum4")
-  jobs = [[str(tmp_path / name), dict(TINY, **extra)] for name, extra in runs.items()]
-  procs = [
-      _start([sys.executable, "-c", DRIVER, json.dumps(jobs)], _env(8, cache_dir), tmp_path / "8dev.log"),
-      _start([sys.executable, "-c", DRIVER, json.dumps([[accum, dict(TINY, grad_accum_steps=4)]])],
-             _env(1, cache_dir), tmp_path / "1dev.log"),
-  ]
+  groups: dict[int, tuple[int, list]] = {}
+  for name, (extra, devices, group) in runs.items():
+    groups.setdefault(group, (devices, []))[1].append([str(tmp_path / name), dict(TINY, **extra)])
+  procs = [_start([sys.executable, "-c", DRIVER, json.dumps(jobs)], _env(devices), tmp_path / f"driver{g}.log")
+           for g, (devices, jobs) in groups.items()]
   _wait_all(procs, timeout=400)
-  for workdir in [accum] + [str(tmp_path / name) for name in runs]:
-    _assert_same_training(reference, workdir)
+  for name in runs:
+    _assert_same_training(reference(), str(tmp_path / name))
   assert json.load(open(os.path.join(tmp_path, "2x4", "config.json")))["mesh"] == {
       "data": 2, "fsdp": 4, "fsdp_min_size": 1}
 
 
-def test_two_processes_match_one_process(reference, tmp_path, cache_dir):
+@pytest.mark.slow
+def test_two_processes_match_one_process(reference, tmp_path):
   port = _free_port()
   pair = str(tmp_path / "two_procs")
-  sharded = dict(TINY, **{"mesh.data": 4, "mesh.fsdp": 2})  # 8 devices over 2 processes, FSDP in each
+  # One device per process and FSDP across the two (parameters and optimizer state half in each), and a
+  # final sample grid from those sharded EMA parameters. (4 devices per process with mesh 4 x 2 passes
+  # too; it costs a 3x longer compile.)
+  sharded = dict(TINY, **{"mesh.data": 1, "mesh.fsdp": 2, "sample.steps": (1,), "sample.num": 4})
   procs = [
       _start(_train_command(pair, sharded),
-             _env(4, cache_dir, IMM_COORDINATOR=f"127.0.0.1:{port}", IMM_NUM_PROCESSES="2",
+             _env(1, IMM_COORDINATOR=f"127.0.0.1:{port}", IMM_NUM_PROCESSES="2",
                   IMM_PROCESS_ID=str(i)), tmp_path / f"proc{i}.log")
       for i in range(2)
   ]
-  _wait_all(procs, timeout=300)
-  _assert_same_training(reference, pair)
+  _wait_all(procs, timeout=240)
+  _assert_same_training(reference(), pair)
   assert sorted(_losses(pair)) == [1, 2, 3]
-  # Only process 0 writes metrics and events; each process saved its own data-iterator state.
+  # Only process 0 writes metrics, events and samples; each process saved its own data-iterator state.
   assert len(glob.glob(os.path.join(pair, "events.out.tfevents.*"))) == 1
+  assert os.listdir(os.path.join(pair, "samples")) == ["step0000003_1step.png"]
   iterator_files = sorted(os.listdir(os.path.join(checkpoints.checkpoint_dir(pair), "3", "data_iter")))
   assert [f for f in iterator_files if f.startswith("process_")] == ["process_0-of-2.json",
                                                                      "process_1-of-2.json"]
 
 
-def test_sigterm_saves_exits_and_resumes_exactly(tmp_path, cache_dir):
+@pytest.mark.slow
+def test_sigterm_saves_exits_and_resumes_exactly(tmp_path):
   steps = 80  # ~1 s of steps: the signal, sent once step 3 is logged, arrives well before the end
   overrides = dict(TINY, num_steps=steps, **{"mesh.data": 1, "mesh.fsdp": 2})
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  env = _env(2, cache_dir)
-  reference = [_start(_train_command(straight, overrides), env, tmp_path / "straight.log")]
+  env = _env(2)
   proc, log = _start(_train_command(resumed, overrides), env, tmp_path / "interrupted.log")
   deadline = time.monotonic() + 240
   while not any(r.get("step", 0) >= 3 for r in read_metrics(resumed)):
     if proc.poll() is not None or time.monotonic() > deadline:
-      _wait_all([(proc, log)] + reference, timeout=1)
+      _wait_all([(proc, log)], timeout=1)
       pytest.fail(f"the run ended (or stalled) before logging step 3: {open(log.name).read()[-3000:]}")
     time.sleep(0.02)
   proc.send_signal(signal.SIGTERM)
+  # The uninterrupted run starts now, to find the step in the compilation cache.
+  straight_run = [_start(_train_command(straight, overrides), env, tmp_path / "straight.log")]
   _wait_all([(proc, log)], timeout=120)
   manager = checkpoints.create_manager(resumed, read_only=True, async_save=False)
   stopped = manager.latest_step()
@@ -234,6 +253,6 @@ def test_sigterm_saves_exits_and_resumes_exactly(tmp_path, cache_dir):
   assert 3 <= stopped < steps, f"SIGTERM did not stop the run early (saved step {stopped})"
   assert max(_losses(resumed)) == stopped
   resume = _start(_train_command(resumed, overrides), env, tmp_path / "resume.log")
-  _wait_all(reference + [resume], timeout=300)
+  _wait_all(straight_run + [resume], timeout=300)
   assert sorted(_losses(resumed)) == list(range(1, steps + 1))
   _assert_same_training(straight, resumed, exact=True)

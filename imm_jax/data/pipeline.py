@@ -6,6 +6,7 @@ so that its position is one integer and the iterator is checkpointable (``get_st
 
     MapDataset.source(ShuffledBatchIndices(len(train), global_batch, seed, rows))  # this process' record ids
       .map(GatherRecords(train))                                  # reads only those records
+      .random_map(random_transform(global_batch, rows))           # the dataset's own, if any (latents)
       .random_map(RandomXFlip(global_batch, rows))                # images with config.data.x_flip only
       .map(to_model_space)                                        # uint8 -> float32 [-1, 1] per batch
       .to_iter_dataset(ReadOptions)                               # reader threads + prefetch buffer
@@ -13,8 +14,9 @@ so that its position is one integer and the iterator is checkpointable (``get_st
 
 Many hosts: the global batch ``B = process_count * local_batch_size`` is defined once, by the seed, as
 if one process read it; process ``i`` yields its rows ``[i * B / n, (i + 1) * B / n)`` and gathers only
-those records. So a run on n hosts sees exactly the batches (and flips) of a run on one host with the
-same global batch, and ``parallel.global_batch`` reassembles them in process order.
+those records. Random stages draw for the whole global batch (grain seeds them by the batch index) and
+keep their rows. So a run on n hosts sees exactly the batches (flips, latent draws) of a run on one host
+with the same global batch, and ``parallel.global_batch`` reassembles them in process order.
 
 Why not ``.shuffle(seed).repeat().batch(b)``: in grain 0.2.18 every record then pays grain's per-element
 bookkeeping (~25 us per stage: prometheus metrics, byte-size estimates) and ``index_shuffle`` (50 us per
@@ -126,7 +128,8 @@ class RandomXFlip:
 
 
 def _derived_seeds(seed: int, n: int) -> list[int]:
-    """Independent seeds for the pipeline's random stages (shuffle, flips) from the run seed."""
+    """Independent seeds for the pipeline's random stages (shuffle, flips, the dataset's random transform)
+    from the run seed; a longer list keeps the first seeds unchanged."""
     return [int(s) for s in np.random.SeedSequence(int(seed)).generate_state(n, np.uint32)]
 
 
@@ -151,12 +154,15 @@ def create_train_iterator(data_cfg, *, local_batch_size: int, seed: int, process
         raise ValueError(f'config.data.worker_count={worker_count} and config.data.prefetch_buffer='
                          f'{prefetch_buffer} must be >= 0.')
     data = sources.resolve(data_cfg)
-    shuffle_seed, flip_seed = _derived_seeds(seed, 2)
+    shuffle_seed, flip_seed, transform_seed = _derived_seeds(seed, 3)
 
     global_batch = local_batch_size * process_count
     rows = (process_index * local_batch_size, (process_index + 1) * local_batch_size)
     ds = grain.MapDataset.source(ShuffledBatchIndices(len(data.train), global_batch, shuffle_seed, rows))
     ds = ds.map(GatherRecords(data.train))
+    random_transform = getattr(data, 'random_transform', None)
+    if random_transform is not None:  # e.g. latents: z = mean + std * N(0, 1) per global-batch row
+        ds = ds.random_map(random_transform(global_batch, rows), seed=transform_seed)
     if data.x_flip:
         ds = ds.random_map(RandomXFlip(global_batch, rows), seed=flip_seed)
     ds = ds.map(data.to_model_space)

@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# Train imm_jax on a Cloud TPU VM pod slice: every worker runs the same `python -m imm_jax.train`, and
+# jax.distributed finds the other workers by itself (imm_jax.distributed).
+#
+#   export TPU_NAME=imm-xl ZONE=us-east5-a ACCELERATOR_TYPE=v5p-64 RUNTIME_VERSION=v2-alpha-tpuv5
+#   launch/tpu_pod.sh create                      # the pod slice (SPOT=1 for a spot slice)
+#   launch/tpu_pod.sh setup                       # copy this checkout to every worker, make a venv, pip install
+#   CONFIG=configs/imagenet256.py:XL/2 WORKDIR=gs://my-bucket/imm/xl2 \
+#     launch/tpu_pod.sh train --config.batch_size=4096   # extra arguments go to imm_jax.train
+#   launch/tpu_pod.sh logs                        # follow worker 0's log
+#   launch/tpu_pod.sh stop                        # SIGTERM on every worker: the trainer saves and exits
+#   launch/tpu_pod.sh delete
+#
+# DRY_RUN=1 (or --dry-run as the first argument) prints the commands instead of running them.
+#
+# Settings (environment): TPU_NAME (imm-jax), ZONE (us-central2-b), ACCELERATOR_TYPE (v4-32),
+# RUNTIME_VERSION (tpu-ubuntu2204-base), PROJECT (gcloud's default), SPOT (0), REPO_URL / REPO_REF (clone
+# that instead of copying this checkout), EXTRAS (pip extras of imm_jax, e.g. "test"), JAX_SPEC (the TPU jax
+# to install), CONFIG, WORKDIR.
+#
+# WORKDIR must be storage every worker sees (the checkpoints are written by all workers together, the
+# metrics by worker 0). imm_jax writes its workdir with ordinary file operations, so a gs://BUCKET/PATH
+# workdir is mounted with gcsfuse on every worker at /gcs/BUCKET and the trainer gets /gcs/BUCKET/PATH.
+set -euo pipefail
+
+TPU_NAME=${TPU_NAME:-imm-jax}
+ZONE=${ZONE:-us-central2-b}
+ACCELERATOR_TYPE=${ACCELERATOR_TYPE:-v4-32}
+RUNTIME_VERSION=${RUNTIME_VERSION:-tpu-ubuntu2204-base}
+PROJECT=${PROJECT:-}
+SPOT=${SPOT:-0}
+REPO_URL=${REPO_URL:-}
+REPO_REF=${REPO_REF:-main}
+EXTRAS=${EXTRAS:-}
+JAX_SPEC=${JAX_SPEC:-jax[tpu]>=0.10.1,<0.13}
+DRY_RUN=${DRY_RUN:-0}
+# Paths on the workers, expanded there (never inside single quotes).
+REMOTE_DIR='$HOME/imm_jax'
+REMOTE_VENV='$HOME/imm-venv'
+REMOTE_LOG='$HOME/imm_train.log'
+REMOTE_PID='$HOME/imm_train.pid'
+
+if [[ "${1:-}" == "--dry-run" ]]; then
+  DRY_RUN=1
+  shift
+fi
+
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+}
+
+# Prints an argument list the way a shell would read it back (single quotes where needed).
+quote() {
+  local out=() arg
+  for arg in "$@"; do
+    if [[ "$arg" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+      out+=("$arg")
+    else
+      out+=("'${arg//\'/\'\\\'\'}'")
+    fi
+  done
+  echo "${out[*]}"
+}
+
+run() {
+  if [[ "$DRY_RUN" == "1" ]]; then
+    echo "+ $(quote "$@")"
+  else
+    "$@"
+  fi
+}
+
+gcloud_tpu() {  # gcloud compute tpus tpu-vm SUBCOMMAND [TPU_NAME] ARGS... --zone=ZONE [--project=PROJECT]
+  local sub=$1
+  shift
+  local args=(gcloud compute tpus tpu-vm "$sub")
+  [[ "$sub" != scp ]] && args+=("$TPU_NAME")  # scp names the TPU in its destination instead
+  args+=("$@" "--zone=$ZONE")
+  [[ -n "$PROJECT" ]] && args+=("--project=$PROJECT")
+  run "${args[@]}"
+}
+
+on_all_workers() {
+  gcloud_tpu ssh --worker=all "--command=$1"
+}
+
+create() {
+  local extra=()
+  [[ "$SPOT" == "1" ]] && extra+=(--spot)
+  gcloud_tpu create "--accelerator-type=$ACCELERATOR_TYPE" "--version=$RUNTIME_VERSION" "${extra[@]}"
+}
+
+setup() {
+  local repo_root fetch
+  repo_root=$(cd "$(dirname "$0")/.." && pwd)
+  if [[ -n "$REPO_URL" ]]; then
+    fetch="rm -rf $REMOTE_DIR && git clone --depth 1 --branch $REPO_REF $REPO_URL $REMOTE_DIR"
+  else
+    # This checkout as it is (tracked and untracked files, minus what .gitignore excludes).
+    local tarball=/tmp/imm_jax_${TPU_NAME}.tar.gz
+    if [[ "$DRY_RUN" == "1" ]]; then
+      echo "+ (cd $repo_root && git ls-files -z --cached --others --exclude-standard | tar czf $tarball --null -T -)"
+    else
+      (cd "$repo_root" && git ls-files -z --cached --others --exclude-standard | tar czf "$tarball" --null -T -)
+    fi
+    gcloud_tpu scp "$tarball" "$TPU_NAME:imm_jax.tar.gz" --worker=all
+    fetch="rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar xzf \$HOME/imm_jax.tar.gz -C $REMOTE_DIR"
+  fi
+  local spec=$REMOTE_DIR
+  [[ -n "$EXTRAS" ]] && spec="$REMOTE_DIR[$EXTRAS]"
+  # gcsfuse: for gs:// workdirs (see the header).
+  local gcsfuse="curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null"
+  gcsfuse+=" && echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null"
+  gcsfuse+=" && sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse python3-venv"
+  on_all_workers "set -e; $fetch; $gcsfuse; python3 -m venv $REMOTE_VENV && $REMOTE_VENV/bin/pip install -q -U pip && $REMOTE_VENV/bin/pip install -q '$JAX_SPEC' && $REMOTE_VENV/bin/pip install -q -e \"$spec\""
+}
+
+train() {
+  : "${CONFIG:?set CONFIG, e.g. CONFIG=configs/imagenet256.py:XL/2}"
+  : "${WORKDIR:?set WORKDIR, e.g. WORKDIR=gs://my-bucket/imm/xl2}"
+  local workdir=$WORKDIR mount=""
+  if [[ "$WORKDIR" == gs://* ]]; then
+    local path=${WORKDIR#gs://}
+    local bucket=${path%%/*}
+    workdir=/gcs/$path
+    mount="mountpoint -q /gcs/$bucket || { sudo mkdir -p /gcs/$bucket && sudo chown \$USER /gcs/$bucket && gcsfuse --implicit-dirs --rename-dir-limit=1000000 $bucket /gcs/$bucket; }; "
+  else
+    echo "note: WORKDIR=$WORKDIR is not gs://; it must be a file system shared by all workers" >&2
+  fi
+  local args
+  args=$(quote "--config=$CONFIG" "--workdir=$workdir" "$@")
+  # Detached (nohup), so that a dropped ssh session does not end the run; `logs` follows it.
+  on_all_workers "${mount}cd $REMOTE_DIR && { IMM_DISTRIBUTED=auto nohup $REMOTE_VENV/bin/python -m imm_jax.train $args < /dev/null > $REMOTE_LOG 2>&1 & echo \$! > $REMOTE_PID; }"
+}
+
+logs() {
+  gcloud_tpu ssh --worker=0 "--command=tail -n 100 -f $REMOTE_LOG"
+}
+
+stop() {  # the process that `train` started on each worker, by its pid
+  on_all_workers "kill -TERM \$(cat $REMOTE_PID) && echo \"sent SIGTERM to \$(cat $REMOTE_PID)\" || true"
+}
+
+delete() {
+  gcloud_tpu delete --quiet
+}
+
+command=${1:-}
+[[ $# -gt 0 ]] && shift
+case "$command" in
+  create) create ;;
+  setup) setup ;;
+  train) train "$@" ;;
+  logs) logs ;;
+  stop) stop ;;
+  delete) delete ;;
+  -h|--help|help) usage ;;
+  *) usage >&2; echo "unknown command '${command}': use create | setup | train | logs | stop | delete" >&2; exit 2 ;;
+esac

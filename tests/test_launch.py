@@ -1,0 +1,105 @@
+"""launch/: the TPU pod and SLURM scripts parse, and their dry runs print the commands they would run."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TPU = os.path.join(REPO, "launch", "tpu_pod.sh")
+SLURM = os.path.join(REPO, "launch", "slurm_gpu.sbatch")
+
+# Nothing may reach gcloud, srun, scontrol or sbatch: the dry runs get a PATH where they do not exist.
+_ENV = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
+
+
+def _run(script, *args, **env):
+  return subprocess.run(["bash", script, *args], capture_output=True, text=True, env={**_ENV, **env},
+                        cwd=REPO, timeout=60)
+
+
+def _commands(stdout: str) -> list[list[str]]:
+  """The printed commands ('+ ...' lines), split the way a shell would read them."""
+  return [shlex.split(line[2:]) for line in stdout.splitlines() if line.startswith("+ ")]
+
+
+@pytest.mark.parametrize("script", [TPU, SLURM])
+def test_scripts_parse(script):
+  r = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr
+  assert os.access(script, os.X_OK)
+
+
+def test_tpu_pod_dry_run_prints_gcloud_commands():
+  env = dict(DRY_RUN="1", TPU_NAME="imm-test", ZONE="us-east5-a", ACCELERATOR_TYPE="v5p-64",
+             RUNTIME_VERSION="v2-alpha-tpuv5", PROJECT="my-proj")
+  r = _run(TPU, "create", **env, SPOT="1")
+  assert r.returncode == 0, r.stderr
+  (create,) = _commands(r.stdout)
+  assert create[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "imm-test"]
+  assert {"--zone=us-east5-a", "--accelerator-type=v5p-64", "--version=v2-alpha-tpuv5", "--project=my-proj",
+          "--spot"} <= set(create)
+
+  r = _run(TPU, "setup", **env, EXTRAS="test")
+  assert r.returncode == 0, r.stderr
+  tar, scp, ssh = _commands(r.stdout)
+  assert "git ls-files" in " ".join(tar)  # this checkout, as it is, without ignored files
+  assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
+  assert "imm-test:imm_jax.tar.gz" in scp
+  assert ssh[4:6] == ["ssh", "imm-test"] and "--worker=all" in ssh
+  remote = next(a for a in ssh if a.startswith("--command="))
+  assert "pip install -q 'jax[tpu]" in remote and 'pip install -q -e "$HOME/imm_jax[test]"' in remote
+
+  r = _run(TPU, "--dry-run", "train", "--config.batch_size=4096", TPU_NAME="imm-test",
+           ACCELERATOR_TYPE="v5p-64", CONFIG="configs/imagenet256.py:XL/2", WORKDIR="gs://my-bucket/imm/xl2")
+  assert r.returncode == 0, r.stderr
+  (ssh,) = _commands(r.stdout)
+  assert ssh[4:6] == ["ssh", "imm-test"] and "--worker=all" in ssh
+  remote = next(a for a in ssh if a.startswith("--command="))
+  assert "gcsfuse --implicit-dirs" in remote and "my-bucket /gcs/my-bucket" in remote
+  assert ("python -m imm_jax.train --config=configs/imagenet256.py:XL/2 --workdir=/gcs/my-bucket/imm/xl2 "
+          "--config.batch_size=4096") in remote
+  assert "nohup" in remote and "imm_train.pid" in remote
+
+  r = _run(TPU, "delete", **env)
+  assert _commands(r.stdout) == [["gcloud", "compute", "tpus", "tpu-vm", "delete", "imm-test", "--quiet",
+                                  "--zone=us-east5-a", "--project=my-proj"]]
+  stop = _commands(_run(TPU, "stop", **env).stdout)[0]
+  assert "--worker=all" in stop and "kill -TERM $(cat $HOME/imm_train.pid)" in " ".join(stop)
+
+
+def test_tpu_pod_refuses_unknown_commands_and_missing_settings():
+  r = _run(TPU, "--dry-run", "launch")
+  assert r.returncode == 2 and "create | setup | train | logs | stop | delete" in r.stderr
+  r = _run(TPU, "--dry-run", "train", WORKDIR="gs://b/x")
+  assert r.returncode != 0 and "set CONFIG" in r.stderr
+  r = _run(TPU, "--help")
+  assert r.returncode == 0 and "DRY_RUN=1" in r.stdout
+
+
+def test_slurm_dry_run_prints_one_srun_task_per_node():
+  r = _run(SLURM, "--config.batch_size=4096", "--config.optim.lr=2e-4", DRY_RUN="1", SLURM_NNODES="4",
+           SLURM_JOB_NODELIST="gpu-[07-10]", CONFIG="configs/imagenet256.py:XL/2", WORKDIR="/shared/runs/xl2",
+           PYTHON="/opt/venv/bin/python")
+  assert r.returncode == 0, r.stderr
+  export, srun = _commands(r.stdout)
+  assert export == ["export", "IMM_COORDINATOR=gpu-07:12355", "IMM_NUM_PROCESSES=4"]
+  assert srun[:4] == ["srun", "--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+  assert srun[4:6] == ["bash", "-c"]
+  task = srun[6]
+  assert task.startswith("export IMM_PROCESS_ID=$SLURM_PROCID; exec ")
+  assert shlex.split(task.split("exec ", 1)[1]) == [
+      "/opt/venv/bin/python", "-m", "imm_jax.train", "--config=configs/imagenet256.py:XL/2",
+      "--workdir=/shared/runs/xl2", "--config.batch_size=4096", "--config.optim.lr=2e-4"]
+  assert "python -m imm_jax.train" in r.stdout
+  # The batch header asks SLURM for SIGTERM before the time limit (the trainer then saves and exits).
+  header = open(SLURM).read()
+  assert "#SBATCH --ntasks-per-node=1" in header and "#SBATCH --signal=TERM@" in header
+
+
+def test_slurm_needs_config_and_workdir():
+  r = _run(SLURM, "--dry-run", WORKDIR="/x")
+  assert r.returncode != 0 and "set CONFIG" in r.stderr
