@@ -30,7 +30,9 @@ flags.DEFINE_enum("schedule", None, ["default", "uniform", "edm", "explicit"],
                   "Default: the workdir config's sample.schedule ('default' for trained workdirs).")
 flags.DEFINE_list("mid_etas", None, "Mid-point etas for --schedule=explicit (steps - 1 values), e.g. 1.4. "
                   "Default: the config's sample.mid_etas when --schedule is not given, else none.")
-flags.DEFINE_enum("sampler", "pushforward", ["pushforward", "restart"], "Sampler.")
+flags.DEFINE_enum("sampler", None, ["pushforward", "restart", "euler", "heun", "ancestral"],
+                  "Sampler (default: the workdir config's sample.sampler): pushforward / restart for IMM, "
+                  "euler / heun for flow matching, ancestral for moment-matching students.")
 flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale w (conditional models; 1 = none). "
                    "Default: the training config's sample.cfg_scale.")
 flags.DEFINE_integer("seed", 0, "Seed for the prior noise, random labels and restart noise.")
@@ -61,7 +63,7 @@ def _load_array(path: str, flag: str):
 
 
 def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: str | None = None,
-                   mid_etas=None, sampler: str = "pushforward", cfg_scale: float | None = None, seed: int = 0,
+                   mid_etas=None, sampler: str | None = None, cfg_scale: float | None = None, seed: int = 0,
                    noise=None, labels=None, batch_size: int = 256, checkpoint_step: int | None = None,
                    overwrite: bool = False, progress: bool = True, vae: str | None = None) -> dict:
   """Generate samples and write ``out`` (.npz) and, for image and point data, its PNG grid atomically.
@@ -76,6 +78,7 @@ def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: st
   from imm_jax import checkpoints, images as images_lib, sampling
   from imm_jax import data as data_lib
   from imm_jax.builder import build_model
+  from imm_jax.objectives import time_range
   from imm_jax.trainer import render
 
   if not out.endswith(".npz"):
@@ -117,7 +120,9 @@ def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: st
   else:
     labels = np.asarray(jax.random.randint(k_labels, (num,), 0, model.num_classes), np.int32)
 
-  eps, T = float(config.imm.eps), float(config.imm.T)
+  eps, T = time_range(config)
+  if sampler is None:
+    sampler = str(config.sample.get("sampler", "pushforward"))
   if schedule is None:
     schedule = str(config.sample.get("schedule", "default"))
     if mid_etas is None:
@@ -130,10 +135,10 @@ def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: st
   for start in tqdm(range(0, num, batch_size), desc=f"sampling {steps} step(s)", unit="batch",
                     disable=not progress):
     sl = slice(start, min(start + batch_size, num))
-    out_chunk = sampling.generate(model.net, params, model.precond, noise[sl], times,
-                                  None if labels is None else labels[sl], scale,
-                                  jax.random.fold_in(k_restart, start), sampler=sampler, guided=guided,
-                                  null_label=model.null_label, extra_variables=variables or None)
+    out_chunk = sampling.run_sampler(sampler, model.net, params, model.precond, noise[sl], times,
+                                     None if labels is None else labels[sl], scale,
+                                     jax.random.fold_in(k_restart, start), guided=guided,
+                                     null_label=model.null_label, extra_variables=variables or None)
     chunks.append(np.asarray(jax.device_get(out_chunk), np.float32))
   samples = np.concatenate(chunks)
   result = {"samples": samples, "times": times, "step": np.int64(ckpt_step)}

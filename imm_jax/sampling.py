@@ -236,3 +236,21 @@ def generate_ancestral(net, params, precond: Precond, x_init, times, labels=None
     raise ValueError("the ancestral sampler needs an rng for its fresh noise")
   denoise_fn = _guided_denoise_fn(net, params, precond, labels, cfg_scale, guided, null_label, extra_variables)
   return ancestral(denoise_fn, x_init.astype(jnp.float32), times, rng, precond.interpolant, precond.sigma_d)
+
+
+SAMPLER_CHOICES = SAMPLERS + ODE_METHODS + ("ancestral",)
+
+
+def run_sampler(sampler: str, net, params, precond: Precond, x_init, times, labels=None, cfg_scale=1.0,
+                rng=None, *, guided: bool = False, null_label: int | None = None, extra_variables=None):
+  """The one entry point for every sampler name: pushforward / restart (IMM), euler / heun (flow ODE),
+  ancestral (moment matching). Used by the trainer's sample grids and by ``imm_jax.sample``."""
+  common = dict(guided=guided, null_label=null_label, extra_variables=extra_variables)
+  if sampler in ODE_METHODS:
+    return generate_ode(net, params, precond, x_init, times, labels, cfg_scale, method=sampler, **common)
+  if sampler == "ancestral":
+    return generate_ancestral(net, params, precond, x_init, times, labels, cfg_scale, rng, **common)
+  if sampler not in SAMPLERS:
+    raise ValueError(f"unknown sampler {sampler!r} (--sampler / config.sample.sampler): choose one of "
+                     f"{SAMPLER_CHOICES}")
+  return generate(net, params, precond, x_init, times, labels, cfg_scale, rng, sampler=sampler, **common)

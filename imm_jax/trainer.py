@@ -249,25 +249,20 @@ def generate_samples(model: Model, params, noise, labels, steps: int, config, *,
   scale = float(cfg.get("cfg_scale", 1.0))
   guided = model.null_label is not None and scale != 1.0
   sampler = cfg.get("sampler", "pushforward")
-  common = dict(guided=guided, null_label=model.null_label)
-  if sampler in sampling.ODE_METHODS:
-    out = sampling.generate_ode(model.net, params, model.precond, noise, times, labels, scale, method=sampler,
-                                **common)
-  elif sampler == "ancestral":
-    rng = jax.random.key(int(config.seed) + steps) if rng is None else rng
-    out = sampling.generate_ancestral(model.net, params, model.precond, noise, times, labels, scale, rng,
-                                      **common)
-  else:
-    out = sampling.generate(model.net, params, model.precond, noise, times, labels, scale, rng,
-                            sampler=sampler, **common)
+  if sampler == "ancestral" and rng is None:
+    rng = jax.random.key(int(config.seed) + steps)
+  out = sampling.run_sampler(sampler, model.net, params, model.precond, noise, times, labels, scale, rng,
+                             guided=guided, null_label=model.null_label)
   return np.asarray(jax.device_get(out), np.float32)
 
 
-def render(model: Model, samples: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
-  """A picture of samples: an image grid (tiny images upscaled) or a 2-D scatter plot."""
+def render(model: Model, samples: np.ndarray, reference: np.ndarray | None = None,
+           decoder=None) -> np.ndarray:
+  """A picture of samples: an image grid (tiny images upscaled) or a 2-D scatter plot. ``decoder``
+  (latent models): model-space latents -> uint8 images, e.g. :func:`imm_jax.data.latents.latent_decoder`."""
   if model.kind == "points":
     return images_lib.scatter_image(samples, extent=1.5, reference=reference)
-  grid = images_lib.make_grid(data_lib.to_uint8(samples))
+  grid = images_lib.make_grid(decoder(samples) if decoder is not None else data_lib.to_uint8(samples))
   factor = max(1, 512 // max(grid.shape[:2]))
   return images_lib.upscale_nearest(grid, factor) if factor > 1 else grid
 
@@ -352,6 +347,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if int(eval_cfg.num) > 0:
     eval_x, _ = data_lib.load_eval_set(config.data, int(eval_cfg.num), seed=int(config.seed))
   grid_noise, grid_labels = sample_grid_noise(model, int(config.sample.num), int(config.seed))
+  decoder = None
+  if model.kind == "latent" and is_main:  # SD-VAE latents: decode the sample grids (None without weights)
+    from imm_jax.data import latents as latents_lib
+    decoder = latents_lib.maybe_latent_decoder(config.data)
   sample_steps = tuple(int(s) for s in config.sample.steps)
   eval_steps = tuple(int(s) for s in eval_cfg.steps)
 
@@ -364,7 +363,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       for steps in sample_steps:
         samples = generate_samples(model, params, grid_noise, grid_labels, steps, config,
                                    rng=jax.random.key(int(config.seed) + steps))
-        pictures[f"samples/{steps}step"] = render(model, samples, eval_x)
+        pictures[f"samples/{steps}step"] = render(model, samples, eval_x, decoder=decoder)
       sample_dir = os.path.join(workdir, "samples")
       os.makedirs(sample_dir, exist_ok=True)
       for name, pic in pictures.items():

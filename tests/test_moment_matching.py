@@ -295,6 +295,7 @@ def _restore_tree(workdir):
     manager.close()
 
 
+@pytest.mark.filterwarnings("ignore:Sharding info not provided")  # _restore_tree reads raw arrays
 @pytest.mark.parametrize("version", ["alt", "param"])
 def test_distillation_trains_from_the_teacher(teacher_workdir, tmp_path, version):
   from imm_jax.trainer import train_and_evaluate
