@@ -31,18 +31,24 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("datasets", ["digits", "checkerboard"], "digits and/or toy2d names (checkerboard, 8gaussians, moons).")
-flags.DEFINE_list("ks", ["1", "2", "4", "8"], "Step counts to distil (one run per k and version).")
-flags.DEFINE_integer("train_steps", 0, "Training steps of flow matching and IMM (0: the config's).")
-flags.DEFINE_integer("distill_steps", 0, "Training steps of each distillation run (0: the config's).")
-flags.DEFINE_integer("batch_size", 0, "Global batch of every run (0: the config's).")
-flags.DEFINE_list("model", [], "Overrides of config.model for every run, e.g. hidden=128 (toy MLP) or "
-                  "hidden_size=64,depth=2 (digits DiT).")
-flags.DEFINE_float("distill_lr", 0.0, "Learning rate of the distillation runs (0: the config's).")
-flags.DEFINE_integer("eval_num", 0, "Samples per evaluation (0: the config's eval.num).")
-flags.DEFINE_integer("seed", 0, "Seed of every run.")
-flags.DEFINE_string("out", "docs", "Folder of results.md; JSON and PNG go to <out>/results.")
-flags.DEFINE_string("workdir", "workdirs/compare", "Parent folder of the training workdirs.")
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program: importing this module as a library
+  (tests, other tools) must not define flags that clash with other executables' (--workdir, --out)."""
+  flags.DEFINE_list("datasets", ["digits", "checkerboard"], "digits and/or toy2d names (checkerboard, 8gaussians, moons).")
+  flags.DEFINE_list("ks", ["1", "2", "4", "8"], "Step counts to distil (one run per k and version).")
+  flags.DEFINE_integer("train_steps", 0, "Training steps of flow matching and IMM (0: the config's).")
+  flags.DEFINE_integer("distill_steps", 0, "Training steps of each distillation run (0: the config's).")
+  flags.DEFINE_integer("batch_size", 0, "Global batch of every run (0: the config's).")
+  flags.DEFINE_list("model", [], "Overrides of config.model for every run, e.g. hidden=128 (toy MLP) or "
+                    "hidden_size=64,depth=2 (digits DiT).")
+  flags.DEFINE_float("distill_lr", 0.0, "Learning rate of the distillation runs (0: the config's).")
+  flags.DEFINE_integer("eval_num", 0, "Samples per evaluation (0: the config's eval.num).")
+  flags.DEFINE_integer("seed", 0, "Seed of every run.")
+  flags.DEFINE_string("out", "docs", "Folder of results.md; JSON and PNG go to <out>/results.")
+  flags.DEFINE_string("workdir", "workdirs/compare", "Parent folder of the training workdirs.")
+
 
 FM_STEPS = (1, 2, 4, 8, 32, 100)
 FEW_STEPS = (1, 2, 4, 8)
@@ -315,4 +321,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

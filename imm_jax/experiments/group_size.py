@@ -21,13 +21,18 @@ from absl import logging as absl_logging
 from imm_jax.io_utils import atomic_open
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("config", "toy2d", ["toy2d", "digits"], "Which built-in data (configs/<config>.py).")
-flags.DEFINE_string("variant", "", "Config variant, e.g. the toy: checkerboard, 8gaussians, moons.")
-flags.DEFINE_list("group_sizes", ["1", "4"], "Values of M to compare.")
-flags.DEFINE_integer("num_steps", 4000, "Training steps for every M.")
-flags.DEFINE_integer("seed", 0, "Seed.")
-flags.DEFINE_string("out", "docs/results", "Output folder for the JSON summary and the plot.")
-flags.DEFINE_string("workdir", "workdirs/group_size", "Parent folder of the training workdirs.")
+
+
+def define_flags():
+  """Command-line flags, defined only when run as a program: importing this module as a library
+  (tests, other tools) must not define flags that clash with other executables' (--workdir, --out)."""
+  flags.DEFINE_enum("config", "toy2d", ["toy2d", "digits"], "Which built-in data (configs/<config>.py).")
+  flags.DEFINE_string("variant", "", "Config variant, e.g. the toy: checkerboard, 8gaussians, moons.")
+  flags.DEFINE_list("group_sizes", ["1", "4"], "Values of M to compare.")
+  flags.DEFINE_integer("num_steps", 4000, "Training steps for every M.")
+  flags.DEFINE_integer("seed", 0, "Seed.")
+  flags.DEFINE_string("out", "docs/results", "Output folder for the JSON summary and the plot.")
+  flags.DEFINE_string("workdir", "workdirs/group_size", "Parent folder of the training workdirs.")
 
 
 def run_group_size(config_name: str, variant: str, group_sizes, num_steps: int, seed: int,
@@ -105,4 +110,5 @@ def _plot(results: dict, workdir: str, path: str):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
