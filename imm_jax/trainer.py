@@ -455,17 +455,13 @@ def _check_finite(metrics: dict[str, float], step: int, workdir: str):
 
 
 def _print_compiled_memory(compiled, n_params: int, config):
-  mem = None
-  try:
-    mem = compiled.memory_analysis()
-  except Exception:  # some backends do not report memory
-    pass
+  from imm_jax.aot import memory_stats  # aot builds on this module, so imported here, not at the top
+
+  mem = memory_stats(compiled)
   line = f"model: {n_params / 1e6:.2f}M parameters; global batch {config.batch_size}"
   if mem is not None:
-    total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-             - mem.alias_size_in_bytes)
-    line += (f"; compiled step per device: arguments {mem.argument_size_in_bytes / 2**20:.1f} MiB, "
-             f"temporaries {mem.temp_size_in_bytes / 2**20:.1f} MiB, total {total / 2**20:.1f} MiB")
+    line += (f"; compiled step per device: arguments {mem['arguments'] / 2**20:.1f} MiB, "
+             f"temporaries {mem['temporaries'] / 2**20:.1f} MiB, total {mem['total'] / 2**20:.1f} MiB")
   print(line, flush=True)
 
 
