@@ -22,6 +22,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
+from imm_jax.io_utils import atomic_open
+
 CONFIG_FILE = "config.json"
 
 
@@ -114,12 +116,8 @@ def write_config(workdir: str, config: ml_collections.ConfigDict):
   """config.json beside the checkpoints, written atomically by process 0."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with atomic_open(os.path.join(workdir, CONFIG_FILE), "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-  os.replace(tmp, path)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

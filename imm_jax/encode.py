@@ -36,6 +36,7 @@ from PIL import Image
 
 from imm_jax.data import latents as latents_lib
 from imm_jax.data import sources
+from imm_jax.io_utils import atomic_open
 
 DEFAULT_SHARD_SIZE = 10_000
 
@@ -197,10 +198,8 @@ def _write_metadata(out: str, meta: dict[str, Any], is_main: bool) -> None:
                        f"{path}); choose another --out or delete it")
     return
   if is_main:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_open(path, "w") as f:
       json.dump(meta, f, indent=1)
-    os.replace(tmp, path)
 
 
 def encode_dataset(data: str, vae, out: str, *, resolution: int = 256, batch_size: int = 64,

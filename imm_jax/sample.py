@@ -158,10 +158,10 @@ def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: st
 
 def _save_npz_atomic(path: str, arrays: dict):
   import numpy as np
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+
+  from imm_jax.io_utils import atomic_open
+  with atomic_open(path, "wb") as f:
+    np.savez(f, **arrays)
 
 
 def main(argv):

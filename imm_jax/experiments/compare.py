@@ -30,6 +30,8 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
+from imm_jax.io_utils import atomic_open
+
 FLAGS = flags.FLAGS
 
 
@@ -226,9 +228,8 @@ def write_report(all_results: list, out: str):
     text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
   else:
     text = text.rstrip("\n") + "\n\n" + block + "\n"
-  with open(path + ".tmp", "w") as f:
+  with atomic_open(path, "w") as f:
     f.write(text)
-  os.replace(path + ".tmp", path)
   from imm_jax import images as images_lib
 
   panels = [line_plot(res["runs"], f"{res['dataset']}: energy distance vs steps", res["floor_energy"])
@@ -311,11 +312,8 @@ def main(argv):
   for dataset in FLAGS.datasets:
     res = run_dataset(dataset, opts, FLAGS.workdir, [int(k) for k in FLAGS.ks])
     res["command"] = command
-    os.makedirs(os.path.join(FLAGS.out, "results"), exist_ok=True)
-    path = os.path.join(FLAGS.out, "results", f"compare_{dataset}.json")
-    with open(path + ".tmp", "w") as f:
+    with atomic_open(os.path.join(FLAGS.out, "results", f"compare_{dataset}.json"), "w") as f:
       json.dump(res, f, indent=2)
-    os.replace(path + ".tmp", path)
     print(markdown_table(res), flush=True)
   write_report(load_results(FLAGS.out), FLAGS.out)
 
