@@ -34,8 +34,9 @@ class Model:
     return self.net.init({"params": rng}, x, c, c, y, train=False)["params"]
 
   def abstract_params(self, sharding=None):
-    """Parameter shapes (no computation), placed on ``sharding`` (default: the first device)."""
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    """Parameter shapes (no computation), placed on ``sharding`` (default: this process's first device,
+    which every host can address)."""
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shapes = jax.eval_shape(lambda: self.init_params(jax.random.key(0)))
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 

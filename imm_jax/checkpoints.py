@@ -34,9 +34,13 @@ def checkpoint_dir(workdir: str) -> str:
 def create_manager(workdir: str, *, max_to_keep: int = 3, keep_period: int | None = None,
                    async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
   """Keeps the newest ``max_to_keep`` checkpoints plus every step divisible by ``keep_period``."""
+  if read_only:  # the values orbax forces for read-only managers (it warns when given others)
+    max_to_keep, keep_period, interval = None, None, 0
+  else:
+    interval = 1
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, keep_period=keep_period or None, create=not read_only,
-      enable_async_checkpointing=async_save, read_only=read_only)
+      enable_async_checkpointing=async_save, read_only=read_only, save_interval_steps=interval)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=("state", "data_iter"))
 
 
@@ -77,7 +81,7 @@ def restore_ema_variables(workdir: str, abstract_params: Any, step: int | None =
   saved_buffers = _saved_buffers(manager, step)
   if saved_buffers is not None:
     sharding = next(iter(jax.tree.leaves(abstract_params)), None)
-    sharding = getattr(sharding, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sharding = getattr(sharding, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     item["buffers"] = jax.tree.map(
         lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), saved_buffers)
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(

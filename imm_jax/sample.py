@@ -3,6 +3,7 @@
   python -m imm_jax.sample --workdir DIR --steps 2 --num 64 --out samples.npz
   python -m imm_jax.sample --workdir DIR --noise Z.npy --labels Y.npy --cfg-scale 1.5 \\
       --schedule uniform --steps 4 --out S.npz
+  python -m imm_jax.sample --workdir DIR --steps 2 --num 50000 --out samples/      # sharded, resumable
 
 Flags may be spelled with dashes or underscores (--cfg-scale / --cfg_scale). --schedule, --mid-etas and
 --cfg-scale default to the workdir config's ``sample`` section (a converted ImageNet checkpoint: uniform,
@@ -10,6 +11,13 @@ w = 1.5). The .npz holds ``samples`` (float32, model space, before any decoding 
 and, for image data, ``images`` (uint8 NHWC); a PNG grid is written beside it (same name, .png) for image
 and 2-D point data. Latent models (data kind 'latent', e.g. ImageNet SD-VAE latents) are decoded with the
 SD-VAE given by --vae (or the one recorded with the data); without one they write the latents only.
+
+An --out that does not end in .npz is a folder: the samples go to ``shard_NNNNN.npz`` files of
+--shard-size examples (the same arrays as above plus ``index``), every image also as
+``images/NNNNNNNN.png`` (the folder layout other FID tools read; --nopng to skip), and ``grid.png``.
+Each batch is split over all local devices, hosts take shards in turn, and a killed run started again
+skips the finished shards. Example ``i`` is drawn from noise seeded by (--seed, i), so its pushforward
+sample is the same in a single file, in any shard layout and on any number of devices.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from absl import logging as absl_logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir written by imm_jax.train or imm_jax.convert.")
-flags.DEFINE_string("out", None, "Output .npz path (a PNG grid is written beside it).")
+flags.DEFINE_string("out", None, "Output .npz path (a PNG grid is written beside it), or a folder for "
+                    "sharded sampling.")
 flags.DEFINE_integer("steps", 1, "Number of sampling steps (network evaluations without guidance).")
 flags.DEFINE_integer("num", 64, "Number of samples (ignored when --noise is given).")
 flags.DEFINE_enum("schedule", None, ["default", "uniform", "edm", "explicit"],
@@ -38,9 +47,11 @@ flags.DEFINE_float("cfg_scale", None, "Classifier-free guidance scale w (conditi
 flags.DEFINE_integer("seed", 0, "Seed for the prior noise, random labels and restart noise.")
 flags.DEFINE_string("noise", None, "Initial noise, .npy of shape (N, *sample_shape) (NHWC), used as is.")
 flags.DEFINE_string("labels", None, "Class ids, .npy of shape (N,); num_classes means unconditional.")
-flags.DEFINE_integer("batch_size", 256, "Samples per device batch.")
+flags.DEFINE_integer("batch_size", 256, "Samples per device in one sampler call.")
+flags.DEFINE_integer("shard_size", 1000, "Sharded sampling (--out is a folder): samples per shard file.")
+flags.DEFINE_bool("png", True, "Sharded sampling: also write every image as images/NNNNNNNN.png.")
 flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step to load (default: latest).")
-flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+flags.DEFINE_bool("overwrite", False, "Replace --out if it exists (single .npz only).")
 flags.DEFINE_string("vae", None, "Latent models: the SD-VAE folder (config.json + "
                     "diffusion_pytorch_model.safetensors) that decodes the samples to images. Default: "
                     "config.data.vae, else the VAE that imm_jax.encode recorded for the training data.")
@@ -62,6 +73,21 @@ def _load_array(path: str, flag: str):
     _fail(f"--{flag}={path}: not a readable .npy array ({e})")
 
 
+def _check_labels(generator, labels, num: int):
+  import numpy as np
+  model = generator.model
+  if model.null_label is None:
+    if labels is not None and np.any(np.asarray(labels) != 0):
+      raise ValueError("--labels given but the model is unconditional (config.model.class_conditional=False)")
+    return None
+  labels = np.asarray(labels)
+  if labels.shape != (num,) or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"--labels must be integer class ids of shape ({num},), got {labels.dtype} {labels.shape}")
+  if labels.min() < 0 or labels.max() > model.num_classes:
+    raise ValueError(f"--labels must lie in [0, {model.num_classes}] ({model.num_classes} = unconditional)")
+  return labels.astype(np.int32)
+
+
 def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: str | None = None,
                    mid_etas=None, sampler: str | None = None, cfg_scale: float | None = None, seed: int = 0,
                    noise=None, labels=None, batch_size: int = 256, checkpoint_step: int | None = None,
@@ -69,35 +95,22 @@ def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: st
   """Generate samples and write ``out`` (.npz) and, for image and point data, its PNG grid atomically.
 
   ``schedule`` / ``mid_etas`` / ``cfg_scale`` None: the config's ``sample`` section (mid_etas from the
-  config only when the schedule is too). Returns the arrays.
+  config only when the schedule is too). ``batch_size`` is per device. Returns the arrays.
   """
-  import jax
   import numpy as np
   from tqdm import tqdm
 
-  from imm_jax import checkpoints, images as images_lib, sampling
-  from imm_jax import data as data_lib
-  from imm_jax.builder import build_model
-  from imm_jax.objectives import time_range
-  from imm_jax.trainer import render
+  from imm_jax import images as images_lib
+  from imm_jax.generation import Generator, save_npz
 
   if not out.endswith(".npz"):
     raise ValueError(f"--out={out} must end with .npz")
   if os.path.exists(out) and not overwrite:
     raise FileExistsError(f"--out={out} exists; choose another path or pass --overwrite")
-  config = checkpoints.read_config(workdir)
-  model = build_model(config)
-  decoder = None
-  if model.kind == "latent":  # SD-VAE latents: decode when a VAE is known (missing weights: one-line error)
-    from imm_jax.data import latents as latents_lib
-    if latents_lib.vae_path_for(config.data, vae):
-      decoder = latents_lib.latent_decoder(config.data, vae_path=vae, option="--vae")
-  variables, ckpt_step = checkpoints.restore_ema_variables(workdir, model.abstract_params(), checkpoint_step)
-  params = variables.pop("params")
-  sigma_d = model.precond.sigma_d
-  key = jax.random.key(seed)
-  k_noise, k_labels, k_restart = jax.random.split(key, 3)
-
+  generator = Generator(workdir, checkpoint_step=checkpoint_step, vae=vae)
+  model = generator.model
+  setting = generator.setting(steps, schedule=schedule, mid_etas=mid_etas, sampler=sampler,
+                              cfg_scale=cfg_scale, seed=seed)
   if noise is not None:
     noise = np.asarray(noise, np.float32)
     if noise.shape[1:] != model.input_shape:
@@ -105,77 +118,82 @@ def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: st
                        f" (NHWC for images)")
     num = noise.shape[0]
   else:
-    noise = np.asarray(sampling.prior_noise(k_noise, (num,) + model.input_shape, sigma_d))
-  if model.null_label is None:
-    if labels is not None and np.any(np.asarray(labels) != 0):
-      raise ValueError("--labels given but the model is unconditional (config.model.class_conditional=False)")
-    labels = None
-  elif labels is not None:
-    labels = np.asarray(labels)
-    if labels.shape != (num,) or not np.issubdtype(labels.dtype, np.integer):
-      raise ValueError(f"--labels must be integer class ids of shape ({num},), got {labels.dtype} {labels.shape}")
-    if labels.min() < 0 or labels.max() > model.num_classes:
-      raise ValueError(f"--labels must lie in [0, {model.num_classes}] ({model.num_classes} = unconditional)")
-    labels = labels.astype(np.int32)
-  else:
-    labels = np.asarray(jax.random.randint(k_labels, (num,), 0, model.num_classes), np.int32)
-
-  eps, T = time_range(config)
-  if sampler is None:
-    sampler = str(config.sample.get("sampler", "pushforward"))
-  if schedule is None:
-    schedule = str(config.sample.get("schedule", "default"))
-    if mid_etas is None:
-      mid_etas = config.sample.get("mid_etas", ())
-  times = sampling.make_schedule(schedule, steps, model.precond.interpolant, eps, T,
-                                 mid_etas=[float(e) for e in (mid_etas or ())] or None)
-  scale = float(config.sample.get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale)
-  guided = model.null_label is not None and scale != 1.0
+    noise = generator.noise(seed, 0, num)
+  labels = generator.labels(seed, 0, num) if labels is None else _check_labels(generator, labels, num)
+  per_call = batch_size * len(generator.devices)
   chunks = []
-  for start in tqdm(range(0, num, batch_size), desc=f"sampling {steps} step(s)", unit="batch",
+  for start in tqdm(range(0, num, per_call), desc=f"sampling {steps} step(s)", unit="batch",
                     disable=not progress):
-    sl = slice(start, min(start + batch_size, num))
-    out_chunk = sampling.run_sampler(sampler, model.net, params, model.precond, noise[sl], times,
-                                     None if labels is None else labels[sl], scale,
-                                     jax.random.fold_in(k_restart, start), guided=guided,
-                                     null_label=model.null_label, extra_variables=variables or None)
-    chunks.append(np.asarray(jax.device_get(out_chunk), np.float32))
+    sl = slice(start, min(start + per_call, num))
+    chunks.append(generator.sample(setting, noise[sl], None if labels is None else labels[sl], start=start))
   samples = np.concatenate(chunks)
-  result = {"samples": samples, "times": times, "step": np.int64(ckpt_step)}
+  result = {"samples": samples, "times": generator.times(setting), "step": np.int64(generator.step)}
   if labels is not None:
     result["labels"] = labels
-  if model.kind == "image":
-    result["images"] = data_lib.to_uint8(samples)
-  elif decoder is not None:
-    result["images"] = decoder(samples)
-  _save_npz_atomic(out, result)
-  if model.kind in ("image", "points"):
-    images_lib.save_png(out[:-4] + ".png", render(model, samples[:256]))
-  elif "images" in result:
-    images_lib.save_png(out[:-4] + ".png", images_lib.make_grid(result["images"][:256]))
+  images = generator.to_images(samples)
+  if images is not None:
+    result["images"] = images
+  save_npz(out, result)
+  picture = generator.picture(samples, images)
+  if picture is not None:
+    images_lib.save_png(out[:-4] + ".png", picture)
   return result
 
 
-def _save_npz_atomic(path: str, arrays: dict):
-  import numpy as np
+def sample_to_shards(workdir: str, out_dir: str, *, steps: int, num: int, schedule: str | None = None,
+                     mid_etas=None, sampler: str | None = None, cfg_scale: float | None = None, seed: int = 0,
+                     batch_size: int = 256, shard_size: int = 1000, png: bool = True,
+                     checkpoint_step: int | None = None, progress: bool = True, vae: str | None = None) -> list[str]:
+  """Sharded, resumable sampling of ``num`` examples into the folder ``out_dir`` (see the module
+  docstring); returns the shard paths."""
+  from imm_jax import images as images_lib
+  from imm_jax.generation import Generator, write_shards
 
-  from imm_jax.io_utils import atomic_open
-  with atomic_open(path, "wb") as f:
-    np.savez(f, **arrays)
+  generator = Generator(workdir, checkpoint_step=checkpoint_step, vae=vae)
+  setting = generator.setting(steps, schedule=schedule, mid_etas=mid_etas, sampler=sampler,
+                              cfg_scale=cfg_scale, seed=seed)
+
+  def contents(start, samples, labels):
+    arrays = {"samples": samples}
+    if labels is not None:
+      arrays["labels"] = labels
+    images = generator.to_images(samples)
+    if images is not None:
+      arrays["images"] = images
+      if png:  # before the shard file, which marks the shard finished
+        for i, image in enumerate(images):
+          images_lib.save_png(os.path.join(out_dir, "images", f"{start + i:08d}.png"), image)
+    if start == 0:
+      picture = generator.picture(samples, arrays.get("images"))
+      if picture is not None:
+        images_lib.save_png(os.path.join(out_dir, "grid.png"), picture)
+    return arrays
+
+  paths = write_shards(generator, setting, out_dir, num, shard_size=shard_size, batch_size=batch_size,
+                       contents=contents, progress=progress, description=f"sampling {steps} step(s)")
+  return paths
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   absl_logging.set_verbosity(absl_logging.WARNING)
+  sharded = not FLAGS.out.endswith(".npz")
+  if sharded and (FLAGS.noise or FLAGS.labels):
+    _fail(f"--noise / --labels need a single .npz --out (got the folder {FLAGS.out}): sharded sampling "
+          "draws the noise from --seed")
   noise = _load_array(FLAGS.noise, "noise") if FLAGS.noise else None
   labels = _load_array(FLAGS.labels, "labels") if FLAGS.labels else None
+  common = dict(steps=FLAGS.steps, num=FLAGS.num, schedule=FLAGS.schedule, mid_etas=FLAGS.mid_etas,
+                sampler=FLAGS.sampler, cfg_scale=FLAGS.cfg_scale, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+                checkpoint_step=FLAGS.checkpoint_step, vae=FLAGS.vae)
   try:
-    result = sample_to_file(FLAGS.workdir, FLAGS.out, steps=FLAGS.steps, num=FLAGS.num,
-                            schedule=FLAGS.schedule, mid_etas=FLAGS.mid_etas, sampler=FLAGS.sampler,
-                            cfg_scale=FLAGS.cfg_scale, seed=FLAGS.seed, noise=noise, labels=labels,
-                            batch_size=FLAGS.batch_size, checkpoint_step=FLAGS.checkpoint_step,
-                            overwrite=FLAGS.overwrite, vae=FLAGS.vae)
+    if sharded:
+      paths = sample_to_shards(FLAGS.workdir, FLAGS.out, shard_size=FLAGS.shard_size, png=FLAGS.png, **common)
+      print(f"{FLAGS.num} samples in {len(paths)} shard(s) in {FLAGS.out}")
+      return
+    result = sample_to_file(FLAGS.workdir, FLAGS.out, noise=noise, labels=labels, overwrite=FLAGS.overwrite,
+                            **common)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
     _fail(str(e))
   png = f" (and {FLAGS.out[:-4]}.png)" if os.path.exists(FLAGS.out[:-4] + ".png") else ""

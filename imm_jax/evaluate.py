@@ -1,0 +1,326 @@
+"""Evaluate a workdir: FID and Inception Score per sampling setting, and a metric that needs no download.
+
+  python -m imm_jax.evaluate --workdir DIR --steps 1 2 4 8 --num 50000 --ref cifar10-32x32.npz
+  python -m imm_jax.evaluate --workdir DIR --steps 1 2 4 8 --cfg-scale 1.5 --num 50000 \\
+      --ref VIRTUAL_imagenet256_labeled.npz --vae sd-vae-ft-ema        # latent models: decoded images
+  python -m imm_jax.evaluate --workdir workdirs/digits --steps 1 2 4 --num 2000   # no download
+  python -m imm_jax.evaluate ref --data configs/cifar10.py --out refs/cifar10-train.npz
+
+Metrics (``--metrics``; default ``fid`` when ``--ref`` is given, else ``distance``):
+
+* ``fid``: FID against ``--ref`` (EDM / ADM reference ``.npz`` with ``mu`` and ``sigma``) and the
+  Inception Score, from the Flax FID Inception-v3 (imm_jax/evaluation/inception.py) with the
+  ``pt_inception-2015-12-05`` weights given by ``--inception`` (a .pth or converted .npz), found at
+  the default location, or fetched with ``--download``.
+* ``distance``: for data where Inception makes no sense or cannot be had offline (the built-in
+  digits, toy2d): the energy distance and RBF MMD^2 (imm_jax/evaluation/distances.py, unbiased, 0 for
+  equal distributions) between the first ``--distance-num`` samples and the workdir dataset's held-out
+  examples, on flattened model-space values; the same figures the trainer logs as ``eval/energy_*``.
+
+Every (steps, guidance) setting is sampled into ``DIR/eval/<tag>/shard_NNNNN.npz`` (imm_jax/generation.py:
+all local devices, hosts in turn, resumable: a finished shard is never recomputed; each shard keeps the
+Inception features and logits or the samples the metrics need), then reported in ``DIR/eval/<tag>.json``
+with a sample grid ``DIR/eval/<tag>.png``. ``<tag>`` names the checkpoint step, the setting and N, so a
+rerun of the same command reuses the shards and reports the same numbers.
+
+``ref`` computes reference statistics in the EDM format for any dataset the trainer reads: ``--data``
+is a workdir (its training data), a config file (``configs/cifar10.py[:variant]``), or a folder /
+``.npy`` / ``.npz`` of images (with ``--image-size``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import time
+from typing import Sequence
+
+import numpy as np
+
+METRICS = ("fid", "distance")
+
+__all__ = ["evaluate", "compute_reference", "main", "METRICS"]
+
+
+class _UsageError(ValueError):
+  """Bad command-line input (reported as one line)."""
+
+
+def _eval_dir(workdir: str, out_dir: str | None) -> str:
+  return out_dir or os.path.join(workdir, "eval")
+
+
+def _inception_fingerprint(variables) -> str:
+  import jax
+  leaves = jax.tree.leaves(variables)
+  return f"{len(leaves)}:{float(np.sum(np.asarray(leaves[0], np.float64))):.9e}"
+
+
+def evaluate(workdir: str, steps: Sequence[int] = (1, 2, 4, 8), *, num: int = 50_000, ref: str | None = None,
+             metrics: Sequence[str] | None = None, cfg_scales: Sequence[float | None] = (None,),
+             schedule: str | None = None, mid_etas=None, sampler: str | None = None, seed: int = 0,
+             batch_size: int = 256, shard_size: int = 1000, checkpoint_step: int | None = None,
+             inception: str | None = None, download: bool = False, extractor=None, distance_num: int = 5000,
+             vae: str | None = None, out_dir: str | None = None, progress: bool = True) -> list[dict]:
+  """Sample ``num`` examples per (steps, cfg scale) and report ``metrics``; returns one dict per setting
+  (also written to ``<out_dir>/<tag>.json`` by process 0). ``extractor``: an
+  :class:`~imm_jax.evaluation.fid.InceptionExtractor` to use instead of loading ``inception``."""
+  import jax
+
+  from imm_jax import images as images_lib
+  from imm_jax.data import pipeline as pipeline_lib
+  from imm_jax.evaluation import distances, fid as fid_lib
+  from imm_jax.generation import Generator, read_shards, write_shards
+  from imm_jax.io_utils import atomic_open
+
+  metrics = tuple(metrics or (("fid",) if ref else ("distance",)))
+  unknown = sorted(set(metrics) - set(METRICS))
+  if unknown:
+    raise _UsageError(f"--metrics {' '.join(unknown)}: unknown; choose from {' '.join(METRICS)}")
+  if "fid" in metrics and not ref:
+    raise _UsageError("--metrics fid needs --ref REF.npz (reference statistics: EDM's fid-refs, ADM's "
+                      "reference batches, or python -m imm_jax.evaluate ref --data ... --out REF.npz)")
+  # Everything that can fail without sampling fails first: workdir, reference, weights, held-out data.
+  generator = Generator(workdir, checkpoint_step=checkpoint_step, vae=vae, require_images="fid" in metrics)
+  model = generator.model
+  ref_stats, eval_x, fingerprint = None, None, None
+  if "fid" in metrics:
+    if model.kind == "points":
+      raise _UsageError(f"{workdir} models 2-D points: FID needs images; use --metrics distance")
+    ref_stats = fid_lib.load_statistics(ref)
+    if extractor is None:
+      extractor = fid_lib.InceptionExtractor(weights=inception, allow_download=download,
+                                             devices=generator.devices)
+    fingerprint = _inception_fingerprint(extractor.variables)
+  if "distance" in metrics:
+    if generator.config.data.name == "none":
+      raise _UsageError(f"{workdir} has no dataset to hold out (a converted checkpoint): use --metrics fid "
+                        "--ref REF.npz")
+    eval_x, _ = pipeline_lib.load_eval_set(generator.config.data, distance_num, seed=int(generator.config.seed))
+  distance_num = min(distance_num, num)
+
+  out_dir = _eval_dir(workdir, out_dir)
+  results = []
+  for scale in cfg_scales:
+    for n_steps in steps:
+      setting = generator.setting(int(n_steps), schedule=schedule, mid_etas=mid_etas, sampler=sampler,
+                                  cfg_scale=scale, seed=seed)
+      tag = f"ckpt{generator.step}_{setting.name()}_n{num}"
+      shard_dir = os.path.join(out_dir, tag)
+      grid_path = os.path.join(out_dir, tag + ".png")
+
+      def contents(start, samples, labels, setting=setting, grid_path=grid_path):
+        arrays = {} if labels is None else {"labels": labels}
+        if "distance" in metrics:  # only the samples the distance uses
+          arrays["samples"] = samples[:max(0, distance_num - start)]
+        images = generator.to_images(samples) if "fid" in metrics or start == 0 else None
+        if "fid" in metrics:
+          arrays["features"], arrays["logits"] = extractor(images)
+        if start == 0:
+          picture = generator.picture(samples, images)
+          if picture is not None:
+            images_lib.save_png(grid_path, picture)
+        return arrays
+
+      t0 = time.time()
+      record_extra = dict(metrics=sorted(metrics), inception=fingerprint,
+                          distance_num=distance_num if "distance" in metrics else None)
+      paths = write_shards(generator, setting, shard_dir, num, shard_size=shard_size, batch_size=batch_size,
+                           contents=contents, progress=progress, description=f"{tag}",
+                           extra_settings=record_extra)
+      if jax.process_index() != 0:
+        continue
+      figures = {}
+      if "fid" in metrics:
+        stats = fid_lib.RunningStatistics(None)
+        logits = []
+        for path in paths:  # one shard at a time: 50k x 2048 features never all in memory
+          part = read_shards([path], ("features", "logits"))
+          stats.update(part["features"])
+          logits.append(part["logits"])
+        mu, sigma = stats.statistics()
+        figures["fid"] = fid_lib.fid_from_statistics(mu, sigma, *ref_stats)
+        figures["is_mean"], figures["is_std"] = fid_lib.inception_score(np.concatenate(logits),
+                                                                        splits=min(10, num))
+      if "distance" in metrics:
+        flat = read_shards(paths, ("samples",))["samples"].reshape(distance_num, -1)
+        ref_flat = eval_x.reshape(eval_x.shape[0], -1)
+        figures["energy_distance"] = distances.energy_distance(flat, ref_flat)
+        figures["mmd_rbf"] = distances.mmd_rbf(flat, ref_flat)
+      result = dict(
+          tag=tag, workdir=os.path.abspath(workdir), checkpoint_step=int(generator.step), num=int(num),
+          setting=dict(dataclasses.asdict(setting), mid_etas=list(setting.mid_etas),
+                       times=[float(t) for t in generator.times(setting)]),
+          metrics=figures, ref=os.path.abspath(ref) if ref else None,
+          distance=(dict(num_samples=distance_num, num_reference=int(eval_x.shape[0]),
+                         space="model space, flattened") if eval_x is not None else None),
+          shards=len(paths), grid=grid_path if os.path.exists(grid_path) else None,
+          seconds=round(time.time() - t0, 1), date=datetime.datetime.now().isoformat(timespec="seconds"))
+      with atomic_open(os.path.join(out_dir, tag + ".json"), "w") as f:
+        json.dump(result, f, indent=1)
+      results.append(result)
+  return results
+
+
+def format_table(results: Sequence[dict]) -> str:
+  """The results as a Markdown table (one row per setting)."""
+  keys = [k for k in ("fid", "is_mean", "energy_distance", "mmd_rbf") if any(k in r["metrics"] for r in results)]
+  lines = ["| steps | cfg | sampler | schedule | N | " + " | ".join(keys) + " |",
+           "|---" * (5 + len(keys)) + "|"]
+  for r in results:
+    s = r["setting"]
+    values = " | ".join(f"{r['metrics'][k]:.4g}" if k in r["metrics"] else "" for k in keys)
+    lines.append(f"| {s['steps']} | {s['cfg_scale']:g} | {s['sampler']} | {s['schedule']} | {r['num']} | {values} |")
+  return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference statistics
+
+
+def _data_config(data: str, image_size: int | None):
+  """The ``config.data`` a ``--data`` value names (see the module docstring)."""
+  from imm_jax import checkpoints
+  from imm_jax.config_base import base_config
+  from imm_jax.configs_loader import CONFIG_DIR, load_config
+
+  path = os.path.expanduser(data)
+  if os.path.isdir(path) and os.path.exists(os.path.join(path, checkpoints.CONFIG_FILE)):
+    return checkpoints.read_config(path).data
+  spec, _, arg = data.partition(":")
+  if spec.endswith(".py") or os.path.exists(os.path.join(CONFIG_DIR, spec + ".py")):
+    return load_config(spec, arg).data
+  if os.path.isdir(path) or path.endswith((".npy", ".npz")):
+    if not os.path.exists(path):
+      raise _UsageError(f"--data={data}: file not found")
+    if image_size is None:
+      raise _UsageError(f"--data={data} is a folder or array of images: give --image-size (e.g. 32 or 256)")
+    cfg = base_config().data
+    cfg.update(name="images", path=path, image_size=int(image_size), holdout_fraction=0.0)
+    return cfg
+  raise _UsageError(f"--data={data}: not a workdir (no {checkpoints.CONFIG_FILE}), config file, image folder "
+                    "or .npy/.npz; see python -m imm_jax.evaluate ref --help")
+
+
+def reference_images(data_cfg, *, split: str = "train", num: int | None = None, chunk: int = 500):
+  """uint8 NHWC batches of a dataset's ``split`` ('train' or 'eval': the held-out part), first ``num``."""
+  from imm_jax.data import pipeline as pipeline_lib
+  from imm_jax.data import sources
+
+  resolved = sources.resolve(data_cfg, need_train=split == "train", need_eval=split == "eval")
+  if resolved.info.kind == "points":
+    raise _UsageError(f"--data: {resolved.info.name} is 2-D points; FID needs images")
+  if resolved.info.kind == "latent":
+    raise _UsageError("--data: reference statistics come from images, not latents: give the image folder the "
+                      "latents were encoded from (--data DIR --image-size 256) or use ADM's "
+                      "VIRTUAL_imagenet256_labeled.npz")
+  source = resolved.train if split == "train" else resolved.holdout
+  total = len(source) if num is None else min(int(num), len(source))
+  if total < 2:
+    raise _UsageError(f"--data: {resolved.info.name} split {split!r} has {len(source)} examples; need >= 2")
+  for start in range(0, total, chunk):
+    batch = resolved.to_model_space(source.gather(np.arange(start, min(start + chunk, total))))
+    yield pipeline_lib.to_uint8(batch["x"])
+
+
+def compute_reference(data: str, out: str, *, split: str = "train", num: int | None = None,
+                      image_size: int | None = None, inception: str | None = None, download: bool = False,
+                      extractor=None, batch_size: int = 250, progress: bool = True) -> dict:
+  """Reference statistics (EDM ``.npz``: ``mu``, ``sigma``, plus ``count``) of ``--data`` into ``out``."""
+  from imm_jax.evaluation import fid as fid_lib
+
+  if not out.endswith(".npz"):
+    raise _UsageError(f"--out={out} must end with .npz")
+  data_cfg = _data_config(data, image_size)
+  if extractor is None:
+    extractor = fid_lib.InceptionExtractor(weights=inception, allow_download=download, batch_size=batch_size)
+  mu, sigma, logits = extractor.statistics(reference_images(data_cfg, split=split, num=num), progress=progress)
+  fid_lib.save_statistics(out, mu, sigma, count=np.int64(logits.shape[0]))
+  return dict(out=out, count=int(logits.shape[0]), is_mean=fid_lib.inception_score(logits, min(10, len(logits)))[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m imm_jax.evaluate", description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True, help="A workdir written by imm_jax.train or imm_jax.convert.")
+  p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="Step counts to evaluate.")
+  p.add_argument("--num", type=int, default=50_000, help="Samples per setting (FID-50K: 50000).")
+  p.add_argument("--ref", help="Reference statistics .npz (mu, sigma), e.g. EDM's cifar10-32x32.npz.")
+  p.add_argument("--metrics", nargs="+", choices=METRICS, help="Default: fid with --ref, else distance.")
+  p.add_argument("--cfg-scale", type=float, nargs="+", default=[None],
+                 help="Guidance scale(s) w (default: the config's sample.cfg_scale).")
+  p.add_argument("--schedule", choices=["default", "uniform", "edm", "explicit"])
+  p.add_argument("--mid-etas", type=float, nargs="*", help="Mid-point etas for --schedule explicit.")
+  p.add_argument("--sampler", choices=["pushforward", "restart", "euler", "heun", "ancestral"])
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--batch-size", type=int, default=256, help="Samples per device in one sampler call.")
+  p.add_argument("--shard-size", type=int, default=1000, help="Samples per shard (the unit of resumption).")
+  p.add_argument("--checkpoint-step", type=int, help="Checkpoint step (default: latest).")
+  p.add_argument("--inception", help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth or .npz).")
+  p.add_argument("--download", action="store_true", help="Fetch the Inception weights if missing.")
+  p.add_argument("--distance-num", type=int, default=5000, help="Samples (and held-out examples) used by "
+                 "the distance metric.")
+  p.add_argument("--vae", help="Latent models: the SD-VAE folder that decodes samples to images.")
+  p.add_argument("--out-dir", help="Where shards, JSON and grids go (default: WORKDIR/eval).")
+  return p
+
+
+def _ref_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m imm_jax.evaluate ref",
+                              description="Reference statistics (EDM .npz: mu, sigma) of a dataset.")
+  p.add_argument("--data", required=True, help="A workdir, a config file (configs/X.py[:variant]) or a "
+                 "folder / .npy / .npz of images.")
+  p.add_argument("--out", required=True, help="Output .npz.")
+  p.add_argument("--split", choices=["train", "eval"], default="train",
+                 help="train (as EDM's refs), or eval: the held-out part.")
+  p.add_argument("--num", type=int, help="Use the first N examples (default: all).")
+  p.add_argument("--image-size", type=int, help="Image folders / arrays: the size to resize to.")
+  p.add_argument("--inception", help="FID Inception weights (.pth or .npz).")
+  p.add_argument("--download", action="store_true", help="Fetch the Inception weights if missing.")
+  p.add_argument("--batch-size", type=int, default=250)
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  from imm_jax.evaluation.fid import StatisticsError
+  from imm_jax.evaluation.inception import InceptionWeightsError
+  errors = (_UsageError, ValueError, FileNotFoundError, FileExistsError, StatisticsError, InceptionWeightsError)
+  if argv[:1] == ["ref"]:
+    args = _ref_parser().parse_args(argv[1:])
+    try:
+      info = compute_reference(args.data, args.out, split=args.split, num=args.num, image_size=args.image_size,
+                               inception=args.inception, download=args.download, batch_size=args.batch_size)
+    except errors as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 2
+    print(f"wrote reference statistics of {info['count']} images to {info['out']} (IS {info['is_mean']:.3f})")
+    return 0
+  args = _parser().parse_args(argv)
+  from imm_jax import distributed
+  distributed.initialize()
+  try:
+    results = evaluate(args.workdir, args.steps, num=args.num, ref=args.ref, metrics=args.metrics,
+                       cfg_scales=args.cfg_scale, schedule=args.schedule, mid_etas=args.mid_etas,
+                       sampler=args.sampler, seed=args.seed, batch_size=args.batch_size,
+                       shard_size=args.shard_size, checkpoint_step=args.checkpoint_step, inception=args.inception,
+                       download=args.download, distance_num=args.distance_num, vae=args.vae, out_dir=args.out_dir)
+  except errors as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if results:
+    print(format_table(results))
+    print(f"results in {_eval_dir(args.workdir, args.out_dir)}/<tag>.json and <tag>.png")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

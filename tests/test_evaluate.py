@@ -1,0 +1,189 @@
+"""Sharded sampling (imm_jax.generation, ``imm_jax.sample --out DIR``) and ``imm_jax.evaluate``.
+
+The truths: pushforward samples are a function of the example index and seed alone (any batch, shard
+or device layout gives the same numbers); a killed evaluation resumes without recomputing finished
+shards and reports exactly the numbers of an uninterrupted run; the reported figures are the library's
+FID / IS / energy distance of the same samples recomputed here; bad input is a one-line error.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from imm_jax import evaluate as evaluate_lib
+from imm_jax import generation
+from imm_jax.evaluation import distances, fid, inception
+from imm_jax.sample import sample_to_file, sample_to_shards
+from imm_jax.trainer import train_and_evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  from conftest import make_tiny_digits
+  path = str(tmp_path_factory.mktemp("evaluate") / "run")
+  train_and_evaluate(make_tiny_digits(3), path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def small_extractor():
+  # Random weights at a small input size: the pipeline is the same as FID's, just fast.
+  return fid.InceptionExtractor(inception.init_variables(seed=0), batch_size=8, size=75)
+
+
+def _mtimes(folder):
+  return {p: os.stat(p).st_mtime_ns for p in generation.shard_paths(folder)}
+
+
+def test_shards_equal_single_file_and_resume_skips_finished(workdir, tmp_path):
+  single = sample_to_file(workdir, str(tmp_path / "a.npz"), steps=2, num=10, batch_size=7, progress=False)
+  out = str(tmp_path / "shards")
+  paths = sample_to_shards(workdir, out, steps=2, num=10, shard_size=4, batch_size=3, progress=False)
+  assert [os.path.basename(p) for p in paths] == ["shard_00000.npz", "shard_00001.npz", "shard_00002.npz"]
+  arrays = generation.read_shards(paths, ("samples", "images", "index"))
+  np.testing.assert_array_equal(arrays["index"], np.arange(10))
+  np.testing.assert_allclose(arrays["samples"], single["samples"], atol=1e-6)
+  np.testing.assert_array_equal(arrays["images"], single["images"])
+  assert sorted(os.listdir(os.path.join(out, "images"))) == [f"{i:08d}.png" for i in range(10)]
+  assert os.path.exists(os.path.join(out, "grid.png"))
+
+  # A lost shard is redone; the others are not touched.
+  before = _mtimes(out)
+  os.remove(paths[1])
+  sample_to_shards(workdir, out, steps=2, num=10, shard_size=4, batch_size=3, progress=False)
+  after = _mtimes(out)
+  assert after[paths[0]] == before[paths[0]] and after[paths[2]] == before[paths[2]]
+  np.testing.assert_array_equal(generation.read_shards([paths[1]], ("samples",))["samples"],
+                                arrays["samples"][4:8])
+  # The same folder with other settings is refused instead of mixed.
+  with pytest.raises(ValueError, match="other settings.*steps"):
+    sample_to_shards(workdir, out, steps=1, num=10, shard_size=4, batch_size=3, progress=False)
+
+
+def test_evaluate_reports_library_figures(workdir, tmp_path, small_extractor):
+  ref = str(tmp_path / "ref.npz")
+  info = evaluate_lib.compute_reference(workdir, ref, num=64, extractor=small_extractor, progress=False)
+  assert info["count"] == 64  # the first 64 training digits
+  results = evaluate_lib.evaluate(workdir, [1, 2], num=24, ref=ref, metrics=["fid", "distance"],
+                                  extractor=small_extractor, shard_size=10, batch_size=4, distance_num=20,
+                                  progress=False)
+  assert [r["setting"]["steps"] for r in results] == [1, 2]
+  r = results[1]
+  eval_dir = os.path.join(workdir, "eval")
+  with open(os.path.join(eval_dir, r["tag"] + ".json")) as f:
+    assert json.load(f)["metrics"] == r["metrics"]
+  assert os.path.exists(os.path.join(eval_dir, r["tag"] + ".png"))
+
+  # Recompute every figure from scratch: same seed -> same samples -> same numbers.
+  single = sample_to_file(workdir, str(tmp_path / "s.npz"), steps=2, num=24, progress=False)
+  feats, logits = small_extractor(single["images"])
+  mu, sigma = fid.load_statistics(ref)
+  np.testing.assert_allclose(r["metrics"]["fid"], fid.fid_from_statistics(*fid.compute_statistics(feats), mu, sigma),
+                             rtol=1e-6)
+  np.testing.assert_allclose(r["metrics"]["is_mean"], fid.inception_score(logits)[0], rtol=1e-6)
+  from imm_jax.data import pipeline
+  from imm_jax.checkpoints import read_config
+  eval_x, _ = pipeline.load_eval_set(read_config(workdir).data, 20, seed=0)
+  np.testing.assert_allclose(r["metrics"]["energy_distance"],
+                             distances.energy_distance(single["samples"][:20], eval_x), rtol=1e-6)
+
+  # The reference against itself: FID 0 (the statistics of the training digits vs themselves).
+  assert abs(fid.fid_from_statistics(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_evaluate_errors_are_one_line(workdir, tmp_path):
+  def run(*args):
+    r = subprocess.run([sys.executable, "-m", "imm_jax.evaluate", *args], capture_output=True, text=True, cwd=REPO)
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    return r.returncode, lines
+
+  code, lines = run("--workdir", workdir, "--ref", str(tmp_path / "missing.npz"), "--num", "4")
+  assert code == 2 and len(lines) == 1 and "imm_jax.evaluate ref" in lines[0] and "fid-refs" in lines[0]
+  mu = np.zeros(2048)
+  fid.save_statistics(str(tmp_path / "ref.npz"), mu, np.eye(2048))
+  code, lines = run("--workdir", workdir, "--ref", str(tmp_path / "ref.npz"), "--num", "4",
+                    "--inception", str(tmp_path / "no_weights.pth"))
+  assert code == 2 and len(lines) == 1 and inception.FID_WEIGHTS_FILE in lines[0] and "--download" in lines[0]
+  code, lines = run("--workdir", workdir, "--metrics", "fid", "--num", "4")
+  assert code == 2 and len(lines) == 1 and "--ref" in lines[0]
+  code, lines = run("--workdir", str(tmp_path), "--num", "4")
+  assert code == 2 and len(lines) == 1 and "--workdir" in lines[0]
+  code, lines = run("ref", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r.npz"))
+  assert code == 2 and len(lines) == 1 and "--data" in lines[0]
+  assert not os.path.exists(os.path.join(workdir, "eval", "ckpt3_1step_default_pushforward_cfg1_seed0_n4"))
+
+
+@pytest.mark.slow
+def test_killed_evaluation_resumes_with_identical_numbers(workdir, tmp_path):
+  """SIGKILL halfway through, start again: finished shards are kept as they are, and the report equals
+  an uninterrupted run's; the batches are split over 2 simulated devices."""
+  weights = inception.save_npz(inception.state_dict_from_variables(inception.init_variables(seed=0)),
+                               str(tmp_path / "inception.npz"))
+  ref = str(tmp_path / "ref.npz")
+  rng = np.random.default_rng(0)
+  fid.save_statistics(ref, rng.standard_normal(2048) * 0.01, np.eye(2048) * 1e-3)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+
+  def command(out_dir):
+    return [sys.executable, "-m", "imm_jax.evaluate", "--workdir", workdir, "--steps", "2", "--num", "30",
+            "--shard-size", "6", "--batch-size", "3", "--metrics", "fid", "distance", "--distance-num", "20",
+            "--ref", ref, "--inception", weights, "--out-dir", out_dir]
+
+  out = str(tmp_path / "eval")
+  first_setting = os.path.join(out, "ckpt3_2step_default_pushforward_cfg1_seed0_n30")
+  proc = subprocess.Popen(command(out), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.time() + 600
+  while len(generation.shard_paths(first_setting)) < 2:
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    assert time.time() < deadline
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  done = _mtimes(first_setting)
+  assert 2 <= len(done) < 5, "killed too late to test resumption"
+  assert not any(name.endswith(".json") for name in os.listdir(out))
+
+  r = subprocess.run(command(out), cwd=REPO, env=env, capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert all(os.stat(p).st_mtime_ns == t for p, t in done.items()), "a finished shard was recomputed"
+  assert len(generation.shard_paths(first_setting)) == 5
+
+  straight = str(tmp_path / "eval_straight")
+  r = subprocess.run(command(straight), cwd=REPO, env=env, capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr[-2000:]
+  tag = "ckpt3_2step_default_pushforward_cfg1_seed0_n30.json"
+  with open(os.path.join(out, tag)) as f, open(os.path.join(straight, tag)) as g:
+    resumed, uninterrupted = json.load(f)["metrics"], json.load(g)["metrics"]
+  assert resumed == uninterrupted
+  assert set(resumed) == {"fid", "is_mean", "is_std", "energy_distance", "mmd_rbf"}
+
+
+def test_reference_data_forms(workdir, tmp_path):
+  """``evaluate ref --data``: a workdir, a config name or file, an image folder or array (any size)."""
+  from imm_jax import images as images_lib
+  x = np.random.default_rng(0).integers(0, 256, (5, 12, 10, 3), dtype=np.uint8)
+  for i, image in enumerate(x):
+    images_lib.save_png(str(tmp_path / "folder" / f"{i}.png"), image)
+  np.save(tmp_path / "arr.npy", x)
+
+  def first(data, **kw):
+    return next(evaluate_lib.reference_images(evaluate_lib._data_config(data, kw.pop("image_size", None)), **kw))
+
+  assert first(workdir).shape == (500, 8, 8, 1)  # the run's own data: its 8x8 digits
+  assert first("digits", split="eval").shape == (297, 16, 16, 1)
+  assert first(os.path.join(REPO, "configs", "digits.py"), num=7).shape == (7, 16, 16, 1)
+  folder = first(str(tmp_path / "folder"), image_size=12)
+  assert folder.shape == (5, 12, 12, 3) and folder.dtype == np.uint8
+  np.testing.assert_array_equal(first(str(tmp_path / "arr.npy"), image_size=12), folder)
+  with pytest.raises(ValueError, match="--image-size"):
+    first(str(tmp_path / "arr.npy"))
+  with pytest.raises(ValueError, match="2-D points"):
+    first("toy2d")
