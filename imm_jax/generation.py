@@ -181,6 +181,17 @@ class Generator:
       return self.decoder(samples)
     return None
 
+  def arrays(self, samples: np.ndarray, labels: np.ndarray | None) -> dict[str, np.ndarray]:
+    """What a sample file holds: ``samples`` (float32, model space), ``labels`` (conditional models),
+    ``images`` (uint8 NHWC, when :meth:`to_images` gives them)."""
+    arrays = {"samples": samples}
+    if labels is not None:
+      arrays["labels"] = labels
+    images = self.to_images(samples)
+    if images is not None:
+      arrays["images"] = images
+    return arrays
+
   def picture(self, samples: np.ndarray, images: np.ndarray | None = None) -> np.ndarray | None:
     """A PNG-ready picture: a grid of the first 64 images (small ones enlarged), or a scatter plot of
     up to 4096 points; None for latents without a VAE."""
@@ -256,7 +267,7 @@ def write_shards(generator: Generator, setting: Setting, out_dir: str, num: int,
   record.update(extra_settings or {})
   _check_settings(out_dir, record)
   if contents is None:
-    contents = functools.partial(_default_contents, generator)
+    contents = lambda start, samples, labels: generator.arrays(samples, labels)
   num_shards = -(-num // shard_size)
   mine = [i for i in range(num_shards) if i % jax.process_count() == jax.process_index()]
   todo = [i for i in mine if not os.path.exists(os.path.join(out_dir, SHARD_PATTERN.format(i)))]
@@ -281,16 +292,6 @@ def write_shards(generator: Generator, setting: Setting, out_dir: str, num: int,
     raise RuntimeError(f"{out_dir}: expected {num_shards} shards, found {len(paths)} (is the folder shared "
                        "by all hosts?)")
   return paths
-
-
-def _default_contents(generator: Generator, start: int, samples: np.ndarray, labels) -> dict:
-  arrays = {"samples": samples}
-  if labels is not None:
-    arrays["labels"] = labels
-  images = generator.to_images(samples)
-  if images is not None:
-    arrays["images"] = images
-  return arrays
 
 
 def read_shards(paths: Sequence[str], keys: Sequence[str]) -> dict[str, np.ndarray]:

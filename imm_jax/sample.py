@@ -127,14 +127,9 @@ def sample_to_file(workdir: str, out: str, *, steps: int, num: int, schedule: st
     sl = slice(start, min(start + per_call, num))
     chunks.append(generator.sample(setting, noise[sl], None if labels is None else labels[sl], start=start))
   samples = np.concatenate(chunks)
-  result = {"samples": samples, "times": generator.times(setting), "step": np.int64(generator.step)}
-  if labels is not None:
-    result["labels"] = labels
-  images = generator.to_images(samples)
-  if images is not None:
-    result["images"] = images
+  result = {**generator.arrays(samples, labels), "times": generator.times(setting), "step": np.int64(generator.step)}
   save_npz(out, result)
-  picture = generator.picture(samples, images)
+  picture = generator.picture(samples, result.get("images"))
   if picture is not None:
     images_lib.save_png(out[:-4] + ".png", picture)
   return result
@@ -154,24 +149,18 @@ def sample_to_shards(workdir: str, out_dir: str, *, steps: int, num: int, schedu
                               cfg_scale=cfg_scale, seed=seed)
 
   def contents(start, samples, labels):
-    arrays = {"samples": samples}
-    if labels is not None:
-      arrays["labels"] = labels
-    images = generator.to_images(samples)
-    if images is not None:
-      arrays["images"] = images
-      if png:  # before the shard file, which marks the shard finished
-        for i, image in enumerate(images):
-          images_lib.save_png(os.path.join(out_dir, "images", f"{start + i:08d}.png"), image)
+    arrays = generator.arrays(samples, labels)
+    if png and "images" in arrays:  # before the shard file, which marks the shard finished
+      for i, image in enumerate(arrays["images"]):
+        images_lib.save_png(os.path.join(out_dir, "images", f"{start + i:08d}.png"), image)
     if start == 0:
       picture = generator.picture(samples, arrays.get("images"))
       if picture is not None:
         images_lib.save_png(os.path.join(out_dir, "grid.png"), picture)
     return arrays
 
-  paths = write_shards(generator, setting, out_dir, num, shard_size=shard_size, batch_size=batch_size,
-                       contents=contents, progress=progress, description=f"sampling {steps} step(s)")
-  return paths
+  return write_shards(generator, setting, out_dir, num, shard_size=shard_size, batch_size=batch_size,
+                      contents=contents, progress=progress, description=f"sampling {steps} step(s)")
 
 
 def main(argv):
