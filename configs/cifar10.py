@@ -26,7 +26,7 @@ def get_config(arg: str = ""):
   c.model = ml_collections.ConfigDict(dict(
       name="unet", class_conditional=False, dtype="float32", model_channels=128, channel_mult=(2, 2, 2),
       num_blocks=4, attn_resolutions=(16,), dropout=0.2, embedding_type="positional",
-      channel_mult_noise=1, resample_filter=(1, 1), s_embed=True))
+      channel_mult_noise=1, resample_filter=(1, 1), s_embed=True, remat="none"))
   c.precond.update(interpolant="ot_fm", f_type="simple_edm", temb_type="identity")
   c.imm.update(group_size=4, eps=0.006, T=0.994, k=15, weight_a=1.0, weight_b=5.0)
   c.optim.update(name="radam", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)

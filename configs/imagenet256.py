@@ -12,7 +12,9 @@ Variants (``--config configs/imagenet256.py:VARIANT``; 8-step FID at w = 1.5 in 
               a = 2, and r <= t - 1e-4 (min_gap), which keeps t - r representable in fp16 (App. I.6)
 
 Precision: float32 (the paper's TF32 on GPUs). The best run was trained in FP16 (Table 8); the
-network's compute dtype is ``--config.model.dtype`` (no loss scaling is implemented).
+network's compute dtype is ``--config.model.dtype`` (no loss scaling is implemented). On H100s use
+``--config.model.dtype=bfloat16 --config.model.attention_impl=cudnn``; ``--config.model.remat=block``
+(or a ``grad_accum_steps`` > 1) when a device's share of the batch does not fit (docs/benchmarks.md).
 
 Data: SD-VAE latents pre-encoded by ``python -m imm_jax.encode`` (imm_jax.data.latents); set
 ``--config.data.path`` to its ``--out`` folder. Each step draws z = mean + std * N(0, 1) per example and
@@ -55,7 +57,8 @@ def get_config(arg: str = "XL/2-ts-a2"):
   c.data.latent_scale = 0.5
   # The preset's fields spelled out (patch_size, hidden_size, depth, num_heads), so each can be overridden.
   c.model = ml_collections.ConfigDict(dict(name="dit", **DIT_PRESETS[variant.split("-")[0]],
-                                           class_conditional=True, num_classes=1000, dtype="float32"))
+                                           class_conditional=True, num_classes=1000, dtype="float32",
+                                           remat="none", attention_impl=ml_collections.config_dict.placeholder(str)))
   c.precond.update(interpolant="ot_fm", f_type="euler_fm", temb_type="stride" if best else "identity",
                    sigma_d=0.5, time_scale=1000.0)
   c.imm.update(group_size=4, eps=0.0, T=0.994, k=12, eta_max=160.0, eta_min=0.0,

@@ -12,8 +12,11 @@ trainer's own ``update_fn`` is lowered and compiled for the global batch ``confi
 
 On a CPU, ``--num_devices`` fakes that many CPU devices, so the program for an 8-accelerator host (its
 sharding, per-device buffers and FLOPs) can be inspected anywhere; memory figures are then those of the
-CPU compiler, a guide to, not a measurement of, an accelerator's. ``--steps N`` runs N real steps on random
-batches of the right shape (a smoke test and a step time where no data pipeline exists yet).
+CPU compiler, a guide to, not a measurement of, an accelerator's (it keeps bf16 compute's activations at
+about float32 size, for one). ``--config.model.remat`` and ``--config.grad_accum_steps`` are the two ways
+to make a device's share of the batch fit (docs/benchmarks.md has the figures of the paper configs).
+``--steps N`` runs N real steps on random batches of the right shape (a smoke test and a step time where
+no data pipeline exists yet).
 """
 
 from __future__ import annotations
@@ -189,9 +192,11 @@ def describe(step: CompiledStep, config) -> str:
   devices = step.mesh.devices.size
   mesh = " x ".join(f"{k}={v}" for k, v in step.mesh.shape.items())
   accum = int(config.get("grad_accum_steps", 1))
+  net = step.model.net
   lines = [
       f"model: {step.num_params / 1e6:.2f}M parameters, input {step.model.input_shape}, "
-      f"{step.model.num_classes} classes",
+      f"{step.model.num_classes} classes; compute {jnp.dtype(net.dtype).name}, remat "
+      f"{getattr(net, 'remat', 'none')}",
       f"step: global batch {step.batch_size} ({step.batch_size // devices} per device"
       + (f", {accum} micro-batches" if accum > 1 else "") + f") on {devices} {step.mesh.devices.flat[0].platform}"
       f" devices, mesh {mesh}; compiled in {step.compile_seconds:.1f} s",

@@ -1,12 +1,18 @@
-"""Throughput of the real jitted training step and sampler.
+"""Throughput of the real jitted training step, sampler and training input pipeline.
 
   python -m imm_jax.benchmark --config configs/imagenet256.py:XL/2 --config.batch_size=128 --what train
   python -m imm_jax.benchmark --config configs/imagenet256.py:XL/2 --what sample --steps 8 --cfg_scale 1.5
+  python -m imm_jax.benchmark --config configs/cifar10.py --what data --needed_rate 4320
 
 Times the compiled step (or sampler) after warm-up, synchronised with the device, and reports the median
 of ``--repeats``: examples per second, model FLOPs utilisation against ``--peak_tflops`` (FLOPs both from
 an analytic count of the network and from XLA's cost analysis), and peak device memory where the backend
-reports it. Results go into docs/benchmarks.md with the command, device and date.
+reports it. ``--what data`` times the trainer's own input iterator (``data.create_train_iterator`` with
+``config.data``'s workers and prefetch) over ``--repeats`` batches after warm-up, against the rate the
+step consumes (``--needed_rate``). Results go into docs/benchmarks.md with the command, device and date.
+
+The functions behind each mode (:class:`TrainLoop`, :func:`make_sampler`, :func:`benchmark_data`) are
+what the tests run, so that what is timed is what is checked (e.g. bf16 against float32).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imm_jax import aot, sampling
+from imm_jax import data as data_lib
 
 # Forward passes per example in one IMM step: forward + backward (counted as two) on x_t, forward on x_r.
 IMM_PASSES_PER_STEP = 4
@@ -57,16 +64,24 @@ def _median_seconds(fn, repeats: int, warmup: int) -> float:
   return statistics.median(times)
 
 
-def benchmark_train(config, repeats: int = 10, warmup: int = 2) -> dict:
-  step = aot.compile_update_fn(config)
-  state = step.init()
-  batch = step.random_batch(int(config.seed))
-  holder = {"state": state}
+class TrainLoop:
+  """The trainer's compiled step (``aot.compile_update_fn``) from a fresh state on one fixed random
+  batch of the config's shape; each call runs one step and returns its metrics. ``state`` is the
+  current train state (the previous one is donated)."""
 
-  def run():
-    holder["state"], metrics = step.compiled(holder["state"], batch)
+  def __init__(self, config):
+    self.step = aot.compile_update_fn(config)
+    self.state = self.step.init()
+    self.batch = self.step.random_batch(int(config.seed))
+
+  def __call__(self) -> dict[str, jax.Array]:
+    self.state, metrics = self.step.compiled(self.state, self.batch)
     return metrics
 
+
+def benchmark_train(config, repeats: int = 10, warmup: int = 2) -> dict:
+  run = TrainLoop(config)
+  step = run.step
   seconds = _median_seconds(run, repeats, warmup)
   per_example = dit_forward_flops(step.model.net, step.model.input_shape)
   devices = step.mesh.devices.size
@@ -79,12 +94,15 @@ def benchmark_train(config, repeats: int = 10, warmup: int = 2) -> dict:
   return result
 
 
-def benchmark_sample(config, steps: int, cfg_scale: float, batch_size: int, repeats: int = 10,
-                     warmup: int = 2) -> dict:
+def make_sampler(config, steps: int, cfg_scale: float, batch_size: int, params=None):
+  """(model, run): ``run()`` draws ``batch_size`` samples with the ``steps``-step uniform pushforward
+  sampler (guided at ``cfg_scale`` for class-conditional models) from fixed noise and labels.
+  ``params``: the network's parameters (default: a fresh initialisation, enough for timing)."""
   info = aot.config_data_info(config)
   from imm_jax.builder import build_model  # pylint: disable=import-outside-toplevel
   model = build_model(config, info)
-  params = jax.jit(model.init_params)(jax.random.key(0))
+  if params is None:
+    params = jax.jit(model.init_params)(jax.random.key(0))
   noise = sampling.prior_noise(jax.random.key(1), (batch_size,) + model.input_shape, model.precond.sigma_d)
   labels = None
   guided = model.null_label is not None and cfg_scale != 1.0
@@ -97,13 +115,55 @@ def benchmark_sample(config, steps: int, cfg_scale: float, batch_size: int, repe
     return sampling.generate(model.net, params, model.precond, noise, times, labels, cfg_scale,
                              guided=guided, null_label=model.null_label)
 
+  return model, run
+
+
+def benchmark_sample(config, steps: int, cfg_scale: float, batch_size: int, repeats: int = 10,
+                     warmup: int = 2) -> dict:
+  model, run = make_sampler(config, steps, cfg_scale, batch_size)
   seconds = _median_seconds(run, repeats, warmup)
   per_example = dit_forward_flops(model.net, model.input_shape)
+  guided = model.null_label is not None and cfg_scale != 1.0
   passes = steps * (2 if guided else 1)
   return {"what": "sample", "steps": steps, "cfg_scale": cfg_scale, "batch_size": batch_size,
           "seconds_per_batch": seconds, "images_per_second": batch_size / seconds,
           "analytic_tflop_per_batch": None if per_example is None else per_example * passes * batch_size / 1e12,
           "peak_memory_bytes": peak_memory_bytes()}
+
+
+def benchmark_data(config, batches: int = 20, warmup: int = 3, needed_rate: float | None = None) -> dict:
+  """Examples per second of this process' training input pipeline, as the trainer builds it.
+
+  The rate is steady-state throughput (``batches`` consecutive batches after ``warmup``, which covers
+  grain's worker start-up and the first fill of the prefetch buffers), not a median per batch: with
+  prefetching, single batches arrive in bursts. ``needed_rate``: examples per second that the training
+  step consumes on this process (e.g. 8 GPUs x 540 for DiT-XL/2 on H100s); the result then says how
+  many times faster than that the pipeline is (below 1: it would starve the step).
+  """
+  if batches < 1:
+    raise ValueError(f"--what=data times at least one batch: set --repeats >= 1, got {batches}")
+  local_batch = int(config.batch_size) // jax.process_count()
+  it = data_lib.create_train_iterator(config.data, local_batch_size=local_batch, seed=int(config.seed),
+                                      process_index=jax.process_index(), process_count=jax.process_count())
+  try:
+    for _ in range(warmup):
+      next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+      batch = next(it)
+    seconds = time.perf_counter() - start
+  finally:
+    if hasattr(it, "close"):
+      it.close()
+  rate = local_batch * batches / seconds
+  result = {"what": "data", "dataset": data_lib.get_info(config.data).name, "batch_size": local_batch,
+            "example_shape": list(batch["x"].shape[1:]), "batches": batches,
+            "worker_count": int(config.data.get("worker_count", 0)),
+            "prefetch_buffer": int(config.data.get("prefetch_buffer", 0)),
+            "seconds_per_batch": seconds / batches, "examples_per_second": rate}
+  if needed_rate:
+    result.update(needed_examples_per_second=float(needed_rate), headroom=rate / float(needed_rate))
+  return result
 
 
 def report(result: dict, peak_tflops: float | None) -> str:
@@ -118,6 +178,10 @@ def report(result: dict, peak_tflops: float | None) -> str:
   if result.get("xla_tflop_per_step") and peak_tflops:
     lines.append(f"model FLOPs utilisation (XLA count): "
                  f"{100 * result['xla_tflop_per_step'] / seconds / (peak_tflops * result['devices']):.1f}%")
+  if "headroom" in result:
+    verdict = "keeps up with" if result["headroom"] >= 1 else "would starve"
+    lines.append(f"input pipeline: {result['examples_per_second']:.0f} examples/s, {verdict} a step that "
+                 f"needs {result['needed_examples_per_second']:.0f} examples/s ({result['headroom']:.2f}x)")
   return "\n".join(lines)
 
 
@@ -129,6 +193,8 @@ def main(argv):
   config = FLAGS.config
   if FLAGS.what == "train":
     result = benchmark_train(config, FLAGS.repeats, FLAGS.warmup)
+  elif FLAGS.what == "data":
+    result = benchmark_data(config, FLAGS.repeats, FLAGS.warmup, FLAGS.needed_rate)
   else:
     result = benchmark_sample(config, FLAGS.steps, FLAGS.cfg_scale, FLAGS.batch_size or int(config.batch_size),
                               FLAGS.repeats, FLAGS.warmup)
@@ -139,12 +205,14 @@ def run():
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
-  flags.DEFINE_enum("what", "train", ["train", "sample"], "Time the training step or the sampler.")
+  flags.DEFINE_enum("what", "train", ["train", "sample", "data"],
+                    "Time the training step, the sampler or the training input pipeline.")
   flags.DEFINE_integer("steps", 1, "Sampling steps (--what=sample).")
   flags.DEFINE_float("cfg_scale", 1.0, "Guidance scale (--what=sample; 1 = no guidance pass).")
   flags.DEFINE_integer("batch_size", 0, "Sampling batch (default: config.batch_size).")
-  flags.DEFINE_integer("repeats", 10, "Timed repeats (the median is reported).")
-  flags.DEFINE_integer("warmup", 2, "Untimed repeats first (compilation, autotuning).")
+  flags.DEFINE_integer("repeats", 10, "Timed repeats (the median is reported; --what=data: timed batches).")
+  flags.DEFINE_integer("warmup", 2, "Untimed repeats first (compilation, autotuning, worker start-up).")
+  flags.DEFINE_float("needed_rate", None, "--what=data: examples/s the training step consumes on this host.")
   flags.DEFINE_float("peak_tflops", None, "Per-device peak TFLOP/s for the utilisation figure.")
   flags.mark_flags_as_required(["config"])
   app.run(main)

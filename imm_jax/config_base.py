@@ -28,8 +28,13 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Network: imm_jax.models.create_network (dit | unet | mlp); config files add the network's own
   # fields (DiT: preset or patch_size/hidden_size/depth/num_heads; unet: SongUNet's; mlp: hidden/depth).
+  # How it is computed, with the same parameters: dtype (float32 | bfloat16 | float16; parameters and
+  # the loss stay float32), remat (none | block | dots_saveable | dots_with_no_batch_dims_saveable:
+  # recompute each block in the backward pass to save activation memory) and, for DiT, attention_impl
+  # (None = XLA | xla | cudnn: cuDNN flash attention, NVIDIA GPUs with bf16/fp16 only).
   c.model = ml_collections.ConfigDict(dict(name="dit", preset="S/2", class_conditional=False,
-                                           dtype="float32"))
+                                           dtype="float32", remat="none",
+                                           attention_impl=ml_collections.config_dict.placeholder(str)))
 
   # Preconditioning (spec section 2).
   c.precond = ml_collections.ConfigDict(dict(

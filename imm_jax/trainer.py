@@ -34,6 +34,7 @@ from imm_jax import images as images_lib
 from imm_jax import sampling
 from imm_jax.builder import Model, build_model
 from imm_jax.evaluation import distances
+from imm_jax.models import EXECUTION_OPTIONS
 from imm_jax.objectives import make_objective, time_range
 from imm_jax.writers import MetricWriter
 
@@ -178,7 +179,9 @@ def load_teacher(config, model: Model, items=("params",)) -> dict:
   teacher_config = checkpoints.read_config(workdir)
   for section in ("model", "precond"):
     mine, theirs = config[section].to_dict(), teacher_config[section].to_dict()
-    diff = sorted(k for k in set(mine) | set(theirs) if _as_plain(mine.get(k)) != _as_plain(theirs.get(k)))
+    ignored = EXECUTION_OPTIONS if section == "model" else ()  # the same parameters either way
+    diff = sorted(k for k in set(mine) | set(theirs)
+                  if k not in ignored and _as_plain(mine.get(k)) != _as_plain(theirs.get(k)))
     if diff:
       raise ValueError(f"the student's config.{section} differs from the teacher's in {workdir} at "
                        f"{', '.join(f'{section}.{k}: {mine.get(k)!r} vs {theirs.get(k)!r}' for k in diff)}; "

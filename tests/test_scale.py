@@ -5,7 +5,7 @@ Each case runs the real trainer in subprocesses, so that the device count (``XLA
 
 * the same seed and data give the same losses and parameters on 1 device and on 8 devices with meshes
   data x fsdp = 8x1, 4x2, 2x4 (FSDP really shards: ``mesh.fsdp_min_size=1``), with and without gradient
-  accumulation;
+  accumulation, and with the blocks rematerialised (``model.remat``);
 * two processes on localhost (``python -m imm_jax.train`` with IMM_COORDINATOR / IMM_NUM_PROCESSES /
   IMM_PROCESS_ID, FSDP across them) train exactly what one process does with the same global batch;
 * a run stopped by SIGTERM saves, exits 0 and resumes to the parameters and losses of an uninterrupted run.
@@ -192,6 +192,7 @@ def test_meshes_and_gradient_accumulation_match_one_device(reference, tmp_path):
       "2x4": ({"mesh.data": 2, "mesh.fsdp": 4}, 8, 0),
       "4x2_accum2": ({"mesh.data": 4, "mesh.fsdp": 2, "grad_accum_steps": 2}, 8, 1),
       "1x1_accum4": ({"grad_accum_steps": 4}, 1, 2),
+      "1x1_remat": ({"model.remat": "block"}, 1, 2),  # recomputes the blocks: the same numbers
   }
   groups: dict[int, tuple[int, list]] = {}
   for name, (extra, devices, group) in runs.items():

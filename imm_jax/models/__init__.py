@@ -21,7 +21,12 @@ from imm_jax.models.unet import SongUNet
 
 NETWORKS = ("dit", "unet", "mlp")
 
-__all__ = ["DIT_PRESETS", "DiT", "MLP", "NETWORKS", "SongUNet", "count_params", "create_network"]
+# config.model fields that change how a network is computed, not its parameters: runs that share
+# parameters (a distillation teacher and its student, a checkpoint and a later run) may differ in them.
+EXECUTION_OPTIONS = ("dtype", "remat", "attention_impl")
+
+__all__ = ["DIT_PRESETS", "DiT", "EXECUTION_OPTIONS", "MLP", "NETWORKS", "SongUNet", "count_params",
+           "create_network"]
 
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
@@ -69,7 +74,8 @@ def create_network(model_cfg, *, input_shape: tuple, num_classes: int):
   ``num_classes``. The remaining ``model_cfg`` fields are the network's keyword arguments (``dtype``
   may be a string: 'float32', 'bfloat16'/'bf16', 'float16'); for DiT an optional ``preset`` ('S/2',
   'B/4', 'XL/2', ...) supplies patch_size / hidden_size / depth / num_heads, which explicit fields
-  override (an empty preset is ignored).
+  override (an empty preset is ignored). ``remat`` (every network) and ``attention_impl`` (DiT) are
+  described in config_base.py.
   """
   name = model_cfg.name
   if name == "dit":

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imm_jax.models.layers import (dit_timestep_frequencies, layer_norm, normal, precise_cos_sin,
+from imm_jax.models.layers import (dit_timestep_frequencies, layer_norm, normal, precise_cos_sin, remat_block,
                                    xavier_uniform, xavier_uniform_flat)
 
 Dtype = Any
@@ -31,6 +31,10 @@ DIT_PRESETS = {
 }
 
 FREQUENCY_EMBEDDING_SIZE = 256
+
+# jax.nn.dot_product_attention's implementations: None and "xla" are XLA's (logits and softmax in
+# float32 whatever the compute dtype); "cudnn" is cuDNN's fused flash attention (NVIDIA GPUs, bf16/fp16).
+ATTENTION_IMPLS = (None, "xla", "cudnn")
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
@@ -85,6 +89,21 @@ class LabelEmbedder(nn.Module):
     return jnp.take(table, labels, axis=0)
 
 
+def check_attention_impl(impl: str | None, dtype) -> None:
+  """Fails at trace time, in one line, where cuDNN attention cannot run: jax's own errors come from
+  deep inside the lowering ("cuDNN is not detected", "Q must be fp16/bf16")."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown config.model.attention_impl {impl!r}: choose one of {ATTENTION_IMPLS}")
+  if impl != "cudnn":
+    return
+  if jax.default_backend() != "gpu":
+    raise ValueError(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, but JAX runs on "
+                     f"{jax.default_backend()}: leave it unset (None) or use 'xla'")
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(f"config.model.attention_impl='cudnn' needs bf16/fp16 compute, got "
+                     f"{jnp.dtype(dtype).name}: set config.model.dtype=bfloat16")
+
+
 class Attention(nn.Module):
   """timm Attention: ``qkv`` (bias) with output layout [3][heads][head_dim], softmax(q k^T / sqrt(d)) v,
   ``proj``."""
@@ -95,6 +114,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x):
+    check_attention_impl(self.attention_impl, self.dtype)
     b, n, c = x.shape
     hd = c // self.num_heads
     qkv = nn.Dense(3 * c, kernel_init=xavier_uniform(), dtype=self.dtype, name="qkv")(x)
@@ -162,6 +182,9 @@ class DiT(nn.Module):
   ``labels``: int (N,) with ``num_classes`` meaning null, or None (every row null). The table has
   num_classes + 1 rows, + 1 unused row when ``extra_null_row`` (the reference adds it when trained with
   its internal label dropout; kept only so such checkpoints load).
+
+  ``remat`` (layers.REMAT_OPTIONS) and ``attention_impl`` (ATTENTION_IMPLS) change how the blocks are
+  computed, not their parameters or (beyond rounding) their outputs.
   """
 
   input_size: int
@@ -176,6 +199,7 @@ class DiT(nn.Module):
   extra_null_row: bool = False
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, x, c_t, c_s, labels=None, train: bool = False):
@@ -211,9 +235,10 @@ class DiT(nn.Module):
     c = c + LabelEmbedder(num_rows, self.hidden_size, name="y_embedder")(labels)
 
     h = tokens
+    block_cls = remat_block(DiTBlock, self.remat)
     for i in range(self.depth):
-      h = DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, dtype=self.dtype,
-                   attention_impl=self.attention_impl, name=f"blocks_{i}")(h, c)
+      h = block_cls(self.hidden_size, self.num_heads, self.mlp_ratio, dtype=self.dtype,
+                    attention_impl=self.attention_impl, name=f"blocks_{i}")(h, c)
     h = FinalLayer(self.hidden_size, p * p * self.in_channels, dtype=self.dtype,
                    name="final_layer")(h, c)
     # Unpatchify: per token the outputs are (p_row, p_col, channel).

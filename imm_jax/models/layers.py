@@ -120,6 +120,33 @@ def edm_positional_frequencies(num_channels: int, max_positions: float = 10000.0
 
 
 # --------------------------------------------------------------------------------------------------
+# Rematerialisation of the networks' blocks (config.model.remat).
+
+# "block": only each block's inputs are kept for the backward pass and the whole block is recomputed
+# there (jax.checkpoint_policies.nothing_saveable); the two policies keep the outputs of matrix
+# products (all of them, or only those without batch dimensions, i.e. the Dense/conv layers but not
+# the attention matrices) and recompute the cheap elementwise work (norms, activations, softmax).
+REMAT_OPTIONS = ("none", "block", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def remat_block(block_cls, remat: str, static_argnums: tuple[int, ...] = ()):
+  """``block_cls`` rematerialised as ``config.model.remat`` asks, or unchanged for "none".
+
+  Trades compute for activation memory: "block" costs about one more forward pass of the blocks per
+  training step and keeps one activation per block instead of every intermediate. ``nn.remat`` is a
+  lifted transform that keeps the module's name, so the parameter tree (and every checkpoint) is the
+  same with or without it. ``static_argnums`` counts ``self`` as 0 (flax's convention), e.g. a Python
+  ``train`` flag.
+  """
+  if remat not in REMAT_OPTIONS:
+    raise ValueError(f"unknown config.model.remat {remat!r}: choose one of {REMAT_OPTIONS}")
+  if remat == "none":
+    return block_cls
+  policy = None if remat == "block" else getattr(jax.checkpoint_policies, remat)
+  return nn.remat(block_cls, policy=policy, static_argnums=static_argnums)
+
+
+# --------------------------------------------------------------------------------------------------
 # Normalisation (statistics in float32, biased variance as torch).
 
 

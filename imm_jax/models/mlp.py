@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from imm_jax.models.dit import LabelEmbedder
-from imm_jax.models.layers import dit_timestep_frequencies, precise_cos_sin, xavier_uniform
+from imm_jax.models.layers import dit_timestep_frequencies, precise_cos_sin, remat_block, xavier_uniform
 
 Dtype = Any
 
@@ -53,6 +53,7 @@ class MLP(nn.Module):
   num_classes: int = 0
   s_embed: bool = True
   dtype: Dtype = jnp.float32
+  remat: str = "none"  # layers.REMAT_OPTIONS, as for the other networks
 
   @nn.compact
   def __call__(self, x, c_t, c_s, labels=None, train: bool = False):
@@ -71,8 +72,9 @@ class MLP(nn.Module):
 
     h = nn.Dense(self.hidden, kernel_init=xavier_uniform(), dtype=self.dtype, name="in_proj")(x)
     h = h.astype(jnp.float32)
+    block_cls = remat_block(_ResBlock, self.remat)
     for i in range(self.depth):
-      h = _ResBlock(self.hidden, dtype=self.dtype, name=f"blocks_{i}")(h, emb)
+      h = block_cls(self.hidden, dtype=self.dtype, name=f"blocks_{i}")(h, emb)
     h = nn.LayerNorm(use_fast_variance=False, dtype=jnp.float32, name="out_norm")(h)
     out = nn.Dense(d, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="out_proj")(h)
     return out.astype(jnp.float32)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from imm_jax.models.layers import (Conv2d, GroupNorm, edm_positional_frequencies, normal, precise_cos_sin,
-                                   xavier_uniform)
+                                   remat_block, xavier_uniform)
 
 Dtype = Any
 
@@ -108,7 +108,8 @@ class SongUNet(nn.Module):
   """G(x, c_t, c_s, y) on NHWC inputs.
 
   ``labels``: int (N,) with ``label_dim`` meaning null (embedded as the all-zero one-hot, like the
-  reference's unconditional rows), or None for unconditional models.
+  reference's unconditional rows), or None for unconditional models. ``remat``: layers.REMAT_OPTIONS,
+  applied to every UNetBlock (parameters unchanged).
   """
 
   img_resolution: int
@@ -129,6 +130,7 @@ class SongUNet(nn.Module):
   s_embed: bool = True
   fourier_scale: float = 16.0
   dtype: Dtype = jnp.float32
+  remat: str = "none"
 
   def _check(self):
     for field, value, choices in (("embedding_type", self.embedding_type, EMBEDDING_TYPES),
@@ -153,6 +155,7 @@ class SongUNet(nn.Module):
     n = x.shape[0]
     emb_channels = self.model_channels * self.channel_mult_emb
     block = dict(dropout=self.dropout, resample_filter=tuple(self.resample_filter), dtype=self.dtype)
+    block_cls = remat_block(UNetBlock, self.remat, static_argnums=(3,))  # train: (self, x, emb, train)
     dense = lambda feats, name: nn.Dense(feats, kernel_init=_INIT, name=name)
 
     # Mapping (float32 throughout: the reference runs it in float64).
@@ -183,7 +186,7 @@ class SongUNet(nn.Module):
         x = x.astype(jnp.float32)
         skips.append(x)
       else:
-        x = UNetBlock(cout, down=True, name=f"enc_{res}x{res}_down", **block)(x, emb, train)
+        x = block_cls(cout, down=True, name=f"enc_{res}x{res}_down", **block)(x, emb, train)
         skips.append(x)
         if self.encoder_type == "skip":
           aux = Conv2d(caux, 0, down=True, resample_filter=tuple(self.resample_filter), dtype=self.dtype,
@@ -197,7 +200,7 @@ class SongUNet(nn.Module):
           caux = cout
       for idx in range(self.num_blocks):
         cout = self.model_channels * mult
-        x = UNetBlock(cout, attention=res in self.attn_resolutions, name=f"enc_{res}x{res}_block{idx}",
+        x = block_cls(cout, attention=res in self.attn_resolutions, name=f"enc_{res}x{res}_block{idx}",
                       **block)(x, emb, train)
         skips.append(x)
 
@@ -206,15 +209,15 @@ class SongUNet(nn.Module):
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       res = self.img_resolution >> level
       if level == len(self.channel_mult) - 1:
-        x = UNetBlock(cout, attention=True, name=f"dec_{res}x{res}_in0", **block)(x, emb, train)
-        x = UNetBlock(cout, name=f"dec_{res}x{res}_in1", **block)(x, emb, train)
+        x = block_cls(cout, attention=True, name=f"dec_{res}x{res}_in0", **block)(x, emb, train)
+        x = block_cls(cout, name=f"dec_{res}x{res}_in1", **block)(x, emb, train)
       else:
-        x = UNetBlock(cout, up=True, name=f"dec_{res}x{res}_up", **block)(x, emb, train)
+        x = block_cls(cout, up=True, name=f"dec_{res}x{res}_up", **block)(x, emb, train)
       for idx in range(self.num_blocks + 1):
         x = jnp.concatenate([x, skips.pop()], axis=-1)
         cout = self.model_channels * mult
         attn = idx == self.num_blocks and res in self.attn_resolutions
-        x = UNetBlock(cout, attention=attn, name=f"dec_{res}x{res}_block{idx}", **block)(x, emb, train)
+        x = block_cls(cout, attention=attn, name=f"dec_{res}x{res}_block{idx}", **block)(x, emb, train)
       if self.decoder_type == "skip" or level == 0:
         if self.decoder_type == "skip" and level < len(self.channel_mult) - 1:
           aux = Conv2d(self.out_channels, 0, up=True, resample_filter=tuple(self.resample_filter),
