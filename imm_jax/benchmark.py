@@ -24,7 +24,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from imm_jax import aot, sampling
 from imm_jax import data as data_lib

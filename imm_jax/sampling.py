@@ -7,7 +7,7 @@ Schedules are computed on the host in float64; the sampler state is float32 on t
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -16,7 +16,7 @@ import pytest
 from imm_jax import sampling
 from imm_jax.configs_loader import load_config
 from imm_jax.interpolants import Interpolant
-from imm_jax.models.precond import Precond, denoise
+from imm_jax.models.precond import Precond
 from imm_jax.objectives import make_objective, time_range
 from imm_jax.objectives.flow_matching import FlowMatchingConfig, FlowMatchingObjective
 

@@ -21,7 +21,7 @@ against them agrees with EDM's numbers to the usual cross-implementation precisi
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import jax
 import numpy as np
