@@ -168,6 +168,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   absl_logging.set_verbosity(absl_logging.WARNING)
   sharded = not FLAGS.out.endswith(".npz")
+  if sharded:  # several hosts share the shards (jax.distributed, as imm_jax.train starts it)
+    from imm_jax import distributed
+    distributed.initialize()
   if sharded and (FLAGS.noise or FLAGS.labels):
     _fail(f"--noise / --labels need a single .npz --out (got the folder {FLAGS.out}): sharded sampling "
           "draws the noise from --seed")

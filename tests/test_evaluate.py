@@ -68,6 +68,27 @@ def test_shards_equal_single_file_and_resume_skips_finished(workdir, tmp_path):
     sample_to_shards(workdir, out, steps=1, num=10, shard_size=4, batch_size=3, progress=False)
 
 
+@pytest.mark.slow
+def test_two_hosts_share_the_shards(workdir, tmp_path):
+  """Two processes (jax.distributed on localhost) take shards in turn and wait for each other; together
+  they write exactly the single-process samples."""
+  from test_scale import _env, _free_port
+  port, out = _free_port(), str(tmp_path / "two_hosts")
+  command = [sys.executable, "-m", "imm_jax.sample", f"--workdir={workdir}", "--steps=2", "--num=10",
+             "--shard-size=3", "--batch-size=2", "--nopng", f"--out={out}"]
+  procs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=_env(1, IMM_COORDINATOR=f"127.0.0.1:{port}", IMM_NUM_PROCESSES="2",
+                                     IMM_PROCESS_ID=str(i)))
+           for i in range(2)]
+  for proc in procs:
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+  paths = generation.shard_paths(out)
+  assert len(paths) == 4
+  single = sample_to_file(workdir, str(tmp_path / "one.npz"), steps=2, num=10, progress=False)
+  np.testing.assert_allclose(generation.read_shards(paths, ("samples",))["samples"], single["samples"], atol=1e-6)
+
+
 def test_evaluate_reports_library_figures(workdir, tmp_path, small_extractor):
   ref = str(tmp_path / "ref.npz")
   info = evaluate_lib.compute_reference(workdir, ref, num=64, extractor=small_extractor, progress=False)
