@@ -248,7 +248,7 @@ def compute_reference(data: str, out: str, *, split: str = "train", num: int | N
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m imm_jax.evaluate", description=__doc__.split("\n\n")[0],
+  p = argparse.ArgumentParser(prog="python -m imm_jax.evaluate", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="A workdir written by imm_jax.train or imm_jax.convert.")
   p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8], help="Step counts to evaluate.")
