@@ -1,4 +1,5 @@
-"""launch/: the TPU pod and SLURM scripts parse, and their dry runs print the commands they would run."""
+"""launch/: the TPU pod and SLURM scripts parse, and their dry runs print the commands they would run;
+the GPU benchmark suite runs each benchmark and summarises its output."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU = os.path.join(REPO, "launch", "tpu_pod.sh")
 SLURM = os.path.join(REPO, "launch", "slurm_gpu.sbatch")
+GPU_BENCH = os.path.join(REPO, "launch", "gpu_benchmarks.sh")
+FETCH = os.path.join(REPO, "launch", "fetch_wheels.sh")
 
 # Nothing may reach gcloud, srun, scontrol or sbatch: the dry runs get a PATH where they do not exist.
 _ENV = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
@@ -26,7 +29,7 @@ def _commands(stdout: str) -> list[list[str]]:
   return [shlex.split(line[2:]) for line in stdout.splitlines() if line.startswith("+ ")]
 
 
-@pytest.mark.parametrize("script", [TPU, SLURM])
+@pytest.mark.parametrize("script", [TPU, SLURM, GPU_BENCH, FETCH])
 def test_scripts_parse(script):
   r = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
   assert r.returncode == 0, r.stderr
@@ -103,3 +106,30 @@ def test_slurm_dry_run_prints_one_srun_task_per_node():
 def test_slurm_needs_config_and_workdir():
   r = _run(SLURM, "--dry-run", WORKDIR="/x")
   assert r.returncode != 0 and "set CONFIG" in r.stderr
+
+
+def test_gpu_benchmarks_summarise_each_run_and_go_on_after_failures(tmp_path):
+  """A stand-in for python prints what imm_jax.benchmark prints (train: examples/s; sample: images/s)
+  and fails for one run: the summary has one line per run with the figures, and the failure's last line."""
+  fake = tmp_path / "python"
+  fake.write_text(r"""#!/bin/bash
+case "$*" in
+  *"-c "*) echo "jax 0.0 [FakeDevice]";;
+  *cifar10*) echo "Traceback"; echo "RuntimeError: out of memory"; exit 1;;
+  *"--what sample"*) printf '{\n "images_per_second": 1234.5,\n "peak_memory_bytes": 2147483648\n}\n';;
+  *) printf '{\n "examples_per_second": 567.26,\n "peak_memory_bytes": 1073741824\n}\n'
+     echo "model FLOPs utilisation (analytic): 61.5% of 775 TFLOP/s per device";;
+esac
+""")
+  fake.chmod(0o755)
+  out = tmp_path / "out"
+  r = _run(GPU_BENCH, str(out), PYTHON=str(fake))
+  assert r.returncode == 0, r.stderr
+  summary = (out / "summary.txt").read_text()
+  assert summary.count("== ") == 5
+  assert "567.3 per second, MFU 61.5%, peak 1.0 GiB" in summary
+  assert "1234.5 per second, MFU n/a, peak 2.0 GiB" in summary
+  assert "failed (exit 1): RuntimeError: out of memory" in summary
+  assert (out / "xl2_train.txt").exists() and (out / "xl2_sample_8step_cfg.txt").exists()
+  only = _run(GPU_BENCH, str(tmp_path / "only"), PYTHON=str(fake), ONLY="b2_train")
+  assert (tmp_path / "only" / "summary.txt").read_text().count("== ") == 1, only.stderr

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The H100 benchmark suite of docs/benchmarks.md on one NVIDIA GPU: training throughput of DiT-XL/2,
+# DiT-B/2 and DDPM++ CIFAR-10 and DiT-XL/2 sampling with guidance, each through `python -m imm_jax.benchmark`
+# (the real jitted step and sampler, bf16 compute, float32 parameters and MMD).
+#
+#   launch/gpu_benchmarks.sh [OUT_DIR]          # default OUT_DIR: benchmark_results/<date>
+#   ONLY=xl2_train,b2_train launch/gpu_benchmarks.sh
+#
+# Each run's full output goes to OUT_DIR/<name>.txt and one line per run to OUT_DIR/summary.txt; a run
+# that fails or passes PER_RUN_TIMEOUT (seconds, default 240) is recorded as such and the suite goes on.
+# Settings (environment): PYTHON (python3), PEAK_TFLOPS (775, the matmul ceiling the issue measured on an
+# H100; ~790 on an H200), PER_RUN_TIMEOUT, ONLY (comma-separated run names), EXTRA (arguments added to
+# every run, e.g. "--repeats 20"). On a machine without pip access, install the packages from wheels
+# first (launch/fetch_wheels.sh).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT_DIR=${1:-benchmark_results/$(date +%Y-%m-%d)}
+PYTHON=${PYTHON:-python3}
+PEAK_TFLOPS=${PEAK_TFLOPS:-775}
+PER_RUN_TIMEOUT=${PER_RUN_TIMEOUT:-240}
+ONLY=${ONLY:-}
+EXTRA=${EXTRA:-}
+mkdir -p "$OUT_DIR"
+
+BF16="--config.model.dtype=bfloat16"
+DIT="$BF16 --config.model.attention_impl=cudnn"
+DOTS="--config.model.remat=dots_with_no_batch_dims_saveable"
+# name|arguments of imm_jax.benchmark (issue 8's table, same batch sizes)
+RUNS=(
+  "xl2_train|--config configs/imagenet256.py:XL/2 --config.batch_size=128 $DIT $DOTS --what train"
+  "b2_train|--config configs/imagenet256.py:B/2 --config.batch_size=256 $DIT $DOTS --what train"
+  "ddpmpp_train|--config configs/cifar10.py --config.batch_size=256 $BF16 --what train"
+  "xl2_sample_1step_cfg|--config configs/imagenet256.py:XL/2 $DIT --what sample --steps 1 --cfg_scale 1.5 --batch_size 256"
+  "xl2_sample_8step_cfg|--config configs/imagenet256.py:XL/2 $DIT --what sample --steps 8 --cfg_scale 1.5 --batch_size 256"
+)
+
+{
+  echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) $(hostname)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  $PYTHON -c "import jax; print('jax', jax.__version__, jax.devices())" 2>&1 | tail -1
+} | tee "$OUT_DIR/summary.txt"
+
+for run in "${RUNS[@]}"; do
+  name=${run%%|*}
+  args=${run#*|}
+  if [[ -n "$ONLY" && ",$ONLY," != *",$name,"* ]]; then continue; fi
+  echo "== $name: python -m imm_jax.benchmark $args --peak_tflops $PEAK_TFLOPS $EXTRA" | tee -a "$OUT_DIR/summary.txt"
+  start=$(date +%s)
+  # shellcheck disable=SC2086  # the arguments are meant to split
+  PYTHONUNBUFFERED=1 timeout "$PER_RUN_TIMEOUT" $PYTHON -m imm_jax.benchmark $args --peak_tflops "$PEAK_TFLOPS" $EXTRA \
+    > "$OUT_DIR/$name.txt" 2>&1
+  rc=$?
+  secs=$(( $(date +%s) - start ))
+  if [[ $rc -eq 0 ]]; then
+    rate=$(grep -m1 -oE '"(examples|images)_per_second": [0-9.e+]*' "$OUT_DIR/$name.txt" | awk '{printf "%.1f", $2}')
+    mfu=$(grep -m1 -o 'utilisation (analytic): [0-9.]*%' "$OUT_DIR/$name.txt" | awk '{print $3}')
+    peak=$(grep -m1 -o '"peak_memory_bytes": [0-9]*' "$OUT_DIR/$name.txt" | awk '{printf "%.1f GiB", $2 / 2^30}')
+    echo "   $rate per second, MFU ${mfu:-n/a}, peak ${peak:-n/a} (${secs} s wall)" | tee -a "$OUT_DIR/summary.txt"
+  elif [[ $rc -eq 124 ]]; then
+    echo "   timed out after ${PER_RUN_TIMEOUT} s" | tee -a "$OUT_DIR/summary.txt"
+  else
+    echo "   failed (exit $rc): $(grep -v '^\s*$' "$OUT_DIR/$name.txt" | tail -1)" | tee -a "$OUT_DIR/summary.txt"
+  fi
+done
