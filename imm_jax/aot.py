@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
 from typing import Any, Callable
 
@@ -262,6 +263,8 @@ def run():
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
+  from imm_jax.configs_loader import check_config_argv  # pylint: disable=import-outside-toplevel
+
   # Defined here, not at import, so that importing this module as a library defines no flags.
   config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:variant]).",
                                   lock_config=True)
@@ -270,6 +273,7 @@ def run():
   flags.DEFINE_integer("num_classes", None, "Classes (default: config.model/data.num_classes, else 0).")
   flags.DEFINE_integer("steps", 0, "Also run this many steps on random batches and time them.")
   flags.mark_flags_as_required(["config"])
+  check_config_argv(sys.argv)
   app.run(main)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 import statistics
+import sys
 import time
 
 import jax
@@ -203,6 +204,8 @@ def main(argv):
 def run():
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+
+  from imm_jax.configs_loader import check_config_argv  # pylint: disable=import-outside-toplevel
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
   flags.DEFINE_enum("what", "train", ["train", "sample", "data"],
                     "Time the training step, the sampler or the training input pipeline.")
@@ -214,6 +217,7 @@ def run():
   flags.DEFINE_float("needed_rate", None, "--what=data: examples/s the training step consumes on this host.")
   flags.DEFINE_float("peak_tflops", None, "Per-device peak TFLOP/s for the utilisation figure.")
   flags.mark_flags_as_required(["config"])
+  check_config_argv(sys.argv)
   app.run(main)
 
 

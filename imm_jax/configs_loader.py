@@ -19,3 +19,40 @@ def load_config(name_or_path: str, arg: str = "") -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def check_config_argv(argv, flag: str = "config") -> None:
+  """Stop with one line on a bad ``--config FILE[:ARG]`` or ``--config.KEY=VALUE`` in ``argv``.
+
+  Run by the executables before absl parses their flags: ml_collections' own errors for a missing file,
+  a bad variant or a misspelt key are tracebacks. Values themselves are left to the flag parser (its
+  error already names the flag).
+  """
+  value, overrides = None, []
+  for i, item in enumerate(argv[1:], 1):
+    if item == f"--{flag}" and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif item.startswith(f"--{flag}="):
+      value = item.split("=", 1)[1]
+    elif item.startswith((f"--{flag}.", f"--no{flag}.")):
+      overrides.append(item.split("=", 1)[0].split(".", 1)[1])
+  if value is None:
+    return  # absl reports the missing required flag
+  path, _, arg = value.partition(":")
+  if not os.path.isfile(path):
+    names = sorted(n for n in os.listdir(CONFIG_DIR) if n.endswith(".py")) if os.path.isdir(CONFIG_DIR) else []
+    raise SystemExit(f"--{flag}: no config file {path!r}; give a path such as configs/digits.py"
+                     + (f" (the files in {CONFIG_DIR}: {', '.join(names)})" if names else ""))
+  try:
+    config = load_config(path, arg)
+  except Exception as e:  # the config file's own error, e.g. an unknown variant
+    raise SystemExit(f"--{flag} {value}: {type(e).__name__}: {e}") from None
+  for key in overrides:
+    node, done = config, []
+    for part in key.split("."):
+      if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+        options = ", ".join(sorted(node.keys())) if isinstance(node, (ml_collections.ConfigDict, dict)) else ""
+        where = f"{flag}." + ".".join(done) if done else flag
+        raise SystemExit(f"--{flag}.{key}: {path} has no option {part!r} in {where}"
+                         + (f" (its options: {options})" if options else f" ({where} is not a group)"))
+      node, done = node[part], done + [part]

@@ -6,9 +6,13 @@ argument. Re-running with the same workdir resumes from its latest checkpoint.
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from imm_jax.configs_loader import check_config_argv
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:variant]).",
@@ -29,6 +33,7 @@ def main(argv):
 
 
 def run():
+  check_config_argv(sys.argv)
   app.run(main)
 
 

@@ -1,16 +1,19 @@
 """Every shipped config loads, builds its network on its data's shape, and (tiny) trains through the
-real trainer; TFDS configs run on tfds.testing.mock_data (no download)."""
+real trainer; TFDS configs run on tfds.testing.mock_data (no download). A bad --config or override stops
+the executables with one line."""
 
 from __future__ import annotations
 
 import glob
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from imm_jax.builder import build_model
-from imm_jax.configs_loader import CONFIG_DIR, load_config
+from imm_jax.configs_loader import CONFIG_DIR, check_config_argv, load_config
 from imm_jax.models import count_params
 from imm_jax.trainer import train_and_evaluate
 
@@ -64,3 +67,40 @@ def test_tfds_configs_train_on_mock_data(name, tmp_path):
   with tfds.testing.mock_data(num_examples=16):
     figures = train_and_evaluate(c, str(tmp_path / name))
   assert np.isfinite(figures["energy_1step"])
+
+
+DIGITS = os.path.join(CONFIG_DIR, "digits.py")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--config", "configs/nope.py"], "--config: no config file 'configs/nope.py'; give a path such as"),
+    ([f"--config={DIGITS}:zzz"], "ValueError: unknown variant 'zzz' for configs/digits.py"),
+    (["--config", DIGITS, "--config.model.hiden_size=3"],
+     "--config.model.hiden_size: " + DIGITS + " has no option 'hiden_size' in config.model (its options: "),
+    (["--config", DIGITS, "--config.optim.lr.x", "1"], "(config.optim.lr is not a group)"),
+    (["--config", DIGITS, "--noconfig.ema.warmupp"], "has no option 'warmupp' in config.ema"),
+])
+def test_bad_config_arguments_stop_with_one_line(argv, message):
+  with pytest.raises(SystemExit) as e:
+    check_config_argv(["imm_jax.train", *argv, "--workdir", "w"])
+  text = str(e.value.code)
+  assert message in text and "\n" not in text
+  if "hiden_size" in message:
+    assert "hidden_size" in text  # the options list shows the right spelling
+
+
+def test_good_config_arguments_pass():
+  check_config_argv(["x", "--config", f"{DIGITS}:cond", "--config.model.hidden_size=64", "--config.ema.warmup",
+                     "--noconfig.ema.warmup", "--config.optim.lr", "1e-3", "--workdir", "w"])
+  check_config_argv(["x", "--workdir", "w"])  # no --config: absl reports the missing required flag
+
+
+def test_train_stops_on_a_misspelt_override_before_touching_the_workdir(tmp_path):
+  workdir = tmp_path / "w"
+  r = subprocess.run([sys.executable, "-m", "imm_jax.train", "--config", DIGITS, "--config.modle.depth=2",
+                      f"--workdir={workdir}"], capture_output=True, text=True, timeout=120)
+  assert r.returncode != 0
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1, r.stderr
+  assert lines[0].startswith(f"--config.modle.depth: {DIGITS} has no option 'modle' in config (its options: ")
+  assert " model, " in lines[0] and not workdir.exists()
