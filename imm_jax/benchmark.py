@@ -206,6 +206,7 @@ def run():
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
 
   from imm_jax.configs_loader import check_config_argv  # pylint: disable=import-outside-toplevel
+
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
   flags.DEFINE_enum("what", "train", ["train", "sample", "data"],
                     "Time the training step, the sampler or the training input pipeline.")

@@ -11,9 +11,10 @@ Trains IMM with the same global batch B and number of steps for each M (so B / M
 particles each: the same network evaluations per step), then reports the energy distance of 1, 2 and
 4-step samples to fresh true samples, next to the energy distance between two independent true sets
 of the same size (the floor set by finite samples). The first command shows the claim on the toy
-(M = 1 collapses at large gaps; at the configs' k = 12 the two are level): docs/group_size.md. ``--ks`` repeats the comparison for several gap
-sizes k of the eta-decrement mapping (spec section 3.2; larger k = smaller t - r), ``--seeds`` for
-several seeds, and ``--set key=value`` changes any other config value for every run. A run whose
+(M = 1 collapses at large gaps; at the configs' k = 12 the two are level; docs/group_size.md).
+``--ks`` repeats the comparison for several gap sizes k of the eta-decrement mapping (spec section
+3.2; larger k = smaller t - r), ``--seeds`` for several seeds, and ``--set key=value`` changes any
+other config value for every run. A run whose
 training metrics become non-finite is reported as diverged (NaN) rather than stopping the sweep.
 Each run trains in `<workdir>/<config>_<variant>_<steps>steps[_<overrides>]_k<k>_M<M>_s<seed>`; a finished
 run found there is only re-evaluated, so reports over overlapping sweeps cost no extra training.
