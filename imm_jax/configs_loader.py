@@ -48,11 +48,25 @@ def check_config_argv(argv, flag: str = "config") -> None:
   except Exception as e:  # the config file's own error, e.g. an unknown variant
     raise SystemExit(f"--{flag} {value}: {type(e).__name__}: {e}") from None
   for key in overrides:
-    node, done = config, []
-    for part in key.split("."):
-      if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
-        options = ", ".join(sorted(node.keys())) if isinstance(node, (ml_collections.ConfigDict, dict)) else ""
-        where = f"{flag}." + ".".join(done) if done else flag
-        raise SystemExit(f"--{flag}.{key}: {path} has no option {part!r} in {where}"
-                         + (f" (its options: {options})" if options else f" ({where} is not a group)"))
-      node, done = node[part], done + [part]
+    try:
+      config_lookup(config, key)
+    except KeyError as e:
+      raise SystemExit(f"--{flag}.{key}: {path}: {e.args[0]}") from None
+
+
+def config_lookup(config, key: str):
+  """(parent, name) of a dotted ``key`` in a ConfigDict, so that ``parent[name]`` is the option.
+
+  A KeyError names the missing part and lists the options where it should be (a typo must not pass
+  silently, and the message shows the right spelling).
+  """
+  node, done = config, []
+  for part in key.split("."):
+    where = ".".join(["config", *done])
+    if not isinstance(node, (ml_collections.ConfigDict, dict)):
+      raise KeyError(f"no such config key {key!r} ({where} is a value, not a group)")
+    if part not in node:
+      raise KeyError(f"no such config key {key!r} ({where} has: {', '.join(sorted(node.keys()))})")
+    parent, node = node, node[part]
+    done.append(part)
+  return parent, part

@@ -5,6 +5,8 @@ here no network is trained."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -24,6 +26,17 @@ def test_apply_overrides_sets_keys_and_rejects_typos():
   assert (c.optim.lr, c.imm.k) == (0.003, 18)
   with pytest.raises(KeyError, match="no such config key"):
     group_size.apply_overrides(load_config("toy2d"), {"imm.kk": 3})
+
+
+def test_a_bad_set_stops_in_one_line_before_training(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "imm_jax.experiments.group_size", "--set", "imm.kk=3",
+                      f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'o'}"],
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode != 0
+  assert r.stderr.strip().splitlines() == [
+      "--set: no such config key 'imm.kk' (config.imm has: T, eps, eta_max, eta_min, group_size, k, kernel, "
+      "label_dropout, min_gap, weight_a, weight_b)"]
+  assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
 
 
 def test_table_has_a_row_per_run_and_marks_divergence():

@@ -33,6 +33,7 @@ import re
 from absl import app, flags
 from absl import logging as absl_logging
 
+from imm_jax.configs_loader import config_lookup, load_config
 from imm_jax.io_utils import atomic_open
 
 FLAGS = flags.FLAGS
@@ -72,13 +73,8 @@ def parse_overrides(items) -> dict:
 def apply_overrides(config, overrides: dict):
   """Set dotted keys of a ConfigDict; an unknown key is an error (a typo must not pass silently)."""
   for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise KeyError(f"config override {key!r}: no such config key")
-    node[leaf] = value
+    parent, name = config_lookup(config, key)
+    parent[name] = value
   return config
 
 
@@ -102,7 +98,6 @@ def run_group_size(config_name: str, variant: str, group_sizes, num_steps: int, 
   ``results['runs']`` maps ``run_key(k, M, seed)`` to the run's settings and its energy distances
   (NaN, with ``diverged`` true, when training stopped on non-finite metrics).
   """
-  from imm_jax.configs_loader import load_config
   from imm_jax import data as data_lib
   from imm_jax.evaluation import distances
   from imm_jax.trainer import train_and_evaluate
@@ -181,9 +176,14 @@ def markdown_table(results: dict) -> str:
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
+  try:  # a bad --set stops here, in one line, before any run trains
+    overrides = parse_overrides(FLAGS.set)
+    apply_overrides(load_config(FLAGS.config, FLAGS.variant), overrides)
+  except (KeyError, ValueError) as e:
+    raise SystemExit(f"--set: {e.args[0]}") from None
   results = run_group_size(FLAGS.config, FLAGS.variant, FLAGS.group_sizes, FLAGS.num_steps,
                            workdir=FLAGS.workdir, ks=FLAGS.ks, seeds=FLAGS.seeds,
-                           overrides=parse_overrides(FLAGS.set), tag=FLAGS.tag)
+                           overrides=overrides, tag=FLAGS.tag)
   name = results["name"]
   with atomic_open(os.path.join(FLAGS.out, f"group_size_{name}.json"), "w") as f:
     json.dump(results, f, indent=2)
