@@ -124,6 +124,53 @@ def write_config(workdir: str, config: ml_collections.ConfigDict):
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+# What a workdir's checkpoints are: the network, the data it learns, the objective, the preconditioning
+# and the optimizer (its state's layout). A run resumed with other values here would load parameters
+# into another network or continue on other data. Everything else may change on resume: the schedule
+# (num_steps, lr, batch, logging), the mesh, and the options below, which change how, not what.
+RUN_IDENTITY = ("model", "data", "objective", "precond", "optim.name")
+RESUME_FREE = ("model.dtype", "model.remat", "model.attention_impl", "data.path", "data.tfds_data_dir",
+               "data.worker_count", "data.prefetch_buffer")
+
+
+def has_checkpoint(workdir: str) -> bool:
+  directory = checkpoint_dir(workdir)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def check_resumable(workdir: str, config: ml_collections.ConfigDict):
+  """Before a run writes anything into ``workdir``: when it holds checkpoints, its config.json must
+  agree with ``config`` on RUN_IDENTITY (keys only one side has are not compared: configs of other
+  imm_jax versions). Raises a one-line ValueError naming the first differences and the fix."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not has_checkpoint(workdir) or not os.path.exists(path):
+    return
+  with open(path) as f:
+    saved = _flatten(json.load(f))
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  diffs = [k for k in sorted(saved.keys() & new.keys()) if _identity_key(k) and saved[k] != new[k]]
+  if diffs:
+    shown = "; ".join(f"config.{k} is {saved[k]!r} there, {new[k]!r} here" for k in diffs[:3])
+    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    raise ValueError(f"--workdir {workdir} holds checkpoints of another run: {shown}{more}. Use a new "
+                     f"--workdir, or resume with that run's config ({path})")
+
+
+def _identity_key(key: str) -> bool:
+  def under(prefixes):
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+  return under(RUN_IDENTITY) and not under(RESUME_FREE)
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
+  return out
+
+
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):

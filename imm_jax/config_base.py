@@ -16,7 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_steps = 1000
   c.batch_size = 128                # global batch over all devices and hosts (B)
   c.grad_accum_steps = 1            # micro-batches per step (each holds whole particle groups)
-  c.log_every = 50
+  c.log_every = 50                  # every *_every / .every below: 0 = only at the end of training
   c.sample_every = 500              # PNG + TensorBoard sample grids at config.sample.steps
   c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, keep_period=0, async_save=True))
 

@@ -29,7 +29,13 @@ def main(argv):
   distributed.initialize()
   from imm_jax.trainer import train_and_evaluate
 
-  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except Exception as e:  # bad input found before training (trainer.input_errors): one line
+    if not getattr(e, "input_error", False):
+      raise
+    message = (str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)).strip().splitlines()
+    raise SystemExit(f"error: {message[0] if message else type(e).__name__}") from None
 
 
 def run():

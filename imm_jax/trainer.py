@@ -12,6 +12,7 @@ rest so a distillation run resumes without its teacher workdir.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -39,6 +40,17 @@ from imm_jax.objectives import make_objective, time_range
 from imm_jax.writers import MetricWriter
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def input_errors():
+  """Marks the errors raised inside as bad input (``err.input_error = True``): ``imm_jax.train`` prints
+  those as one line instead of a traceback. Their types are kept (ValueError, FileNotFoundError, ...)."""
+  try:
+    yield
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    e.input_error = True
+    raise
 
 
 @flax.struct.dataclass
@@ -293,45 +305,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir = os.path.abspath(workdir)
   is_main = jax.process_index() == 0
   config = ml_collections.ConfigDict(config)
-  info = data_lib.get_info(config.data)
-  model = build_model(config, info)
-  mesh = parallel.create_mesh(int(config.mesh.data), int(config.mesh.fsdp))
-  num_steps = int(config.num_steps)
-  tx = make_optimizer(config.optim, num_steps)
-  objective = make_objective(config, model.net, model.precond, model.null_label)
-  accum = int(config.get("grad_accum_steps", 1))
-  parallel.check_batch_layout(int(config.batch_size), objective.group_size, mesh, accum)
-  checkpoints.write_config(workdir, config)
+  with input_errors():  # bad config, data or workdir: stop before anything runs, in one line (imm_jax.train)
+    info = data_lib.get_info(config.data)
+    model = build_model(config, info)
+    mesh = parallel.create_mesh(int(config.mesh.data), int(config.mesh.fsdp))
+    num_steps = int(config.num_steps)
+    tx = make_optimizer(config.optim, num_steps)
+    objective = make_objective(config, model.net, model.precond, model.null_label)
+    accum = int(config.get("grad_accum_steps", 1))
+    parallel.check_batch_layout(int(config.batch_size), objective.group_size, mesh, accum)
+    checkpoints.check_resumable(workdir, config)  # before anything in the workdir is written
 
-  init_fn = functools.partial(init_state, model, tx, int(config.seed), objective)
-  teacher_items = tuple(getattr(objective, "teacher_items", ()))
-  if teacher_items:
-    # The teacher's arrays are parameter-shaped: the state's layout is known without loading them.
-    params_shape = jax.eval_shape(lambda: model.init_params(jax.random.key(0)))
-    abstract = jax.eval_shape(init_fn, {k: params_shape for k in teacher_items})
-  else:
-    abstract = jax.eval_shape(init_fn, None)
-  state_sh = parallel.state_shardings(mesh, abstract, int(config.mesh.fsdp_min_size))
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
-  local_batch = int(config.batch_size) // jax.process_count()
-  data_iter = data_lib.create_train_iterator(
-      config.data, local_batch_size=local_batch, seed=int(config.seed),
-      process_index=jax.process_index(), process_count=jax.process_count())
+    init_fn = functools.partial(init_state, model, tx, int(config.seed), objective)
+    teacher_items = tuple(getattr(objective, "teacher_items", ()))
+    if teacher_items:
+      # The teacher's arrays are parameter-shaped: the state's layout is known without loading them.
+      params_shape = jax.eval_shape(lambda: model.init_params(jax.random.key(0)))
+      abstract = jax.eval_shape(init_fn, {k: params_shape for k in teacher_items})
+    else:
+      abstract = jax.eval_shape(init_fn, None)
+    state_sh = parallel.state_shardings(mesh, abstract, int(config.mesh.fsdp_min_size))
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    local_batch = int(config.batch_size) // jax.process_count()
+    data_iter = data_lib.create_train_iterator(
+        config.data, local_batch_size=local_batch, seed=int(config.seed),
+        process_index=jax.process_index(), process_count=jax.process_count())
 
-  manager = checkpoints.create_manager(workdir, max_to_keep=int(config.checkpoint.keep),
-                                       keep_period=config.checkpoint.get("keep_period"),
-                                       async_save=bool(config.checkpoint.get("async_save", True)))
-  writer = MetricWriter(workdir, enabled=is_main)
-  if manager.latest_step() is not None:
-    state = checkpoints.restore(manager, abstract, data_iter)
-    start = int(jax.device_get(state.step))
-    writer.truncate_after(start)
-    log.info("resumed from step %d in %s", start, workdir)
-  else:
-    teacher = load_teacher(config, model, teacher_items) if teacher_items else None
-    state = jax.jit(init_fn, out_shardings=state_sh)(teacher)
-    start = 0
-    writer.write_hparams(config.to_dict())
+    manager = checkpoints.create_manager(workdir, max_to_keep=int(config.checkpoint.keep),
+                                         keep_period=config.checkpoint.get("keep_period"),
+                                         async_save=bool(config.checkpoint.get("async_save", True)))
+    writer = MetricWriter(workdir, enabled=is_main)
+    if manager.latest_step() is not None:
+      try:
+        state = checkpoints.restore(manager, abstract, data_iter)
+      except ValueError as e:  # e.g. a workdir without config.json whose checkpoint is another network's
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot resume from {checkpoints.checkpoint_dir(workdir)}: its train state does "
+                         f"not match this config's ({reason[:300]}). Use a new --workdir, or that run's "
+                         f"config") from None
+      start = int(jax.device_get(state.step))
+      writer.truncate_after(start)
+      log.info("resumed from step %d in %s", start, workdir)
+    else:
+      teacher = load_teacher(config, model, teacher_items) if teacher_items else None
+      state = jax.jit(init_fn, out_shardings=state_sh)(teacher)
+      start = 0
+      writer.write_hparams(config.to_dict())
+    checkpoints.write_config(workdir, config)  # only once the workdir's checkpoint (if any) fits it
   n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
 
   update_fn = make_update_fn(objective, tx, config)
@@ -361,7 +381,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     params = host_params(ema_params)  # every process takes part in the gather; only process 0 samples
     if not is_main:
       return {}
-    if (step % int(config.sample_every) == 0 or final) and sample_steps:
+    if (_due(step, config.sample_every) or final) and sample_steps:
       pictures = {}
       for steps in sample_steps:
         samples = generate_samples(model, params, grid_noise, grid_labels, steps, config,
@@ -373,7 +393,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         images_lib.save_png(os.path.join(sample_dir, f"step{step:07d}_{name.split('/')[1]}.png"), pic)
       writer.write_images(step, pictures)
     figures = {}
-    if eval_x is not None and (final or (int(eval_cfg.every) > 0 and step % int(eval_cfg.every) == 0)):
+    if eval_x is not None and (final or _due(step, eval_cfg.every)):
       figures = sample_quality(model, params, config, eval_x, eval_steps)
       writer.write_scalars(step, {f"eval/{k}": v for k, v in figures.items()})
     writer.flush()
@@ -402,7 +422,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       steps_since += 1
       bar.update(1)
       stop = preempt.requested or manager.reached_preemption(step)
-      if step % int(config.log_every) == 0 or step == num_steps or stop:
+      logged = _due(step, config.log_every) or step == num_steps or stop
+      if logged:
         last_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         _check_finite(last_metrics, step, workdir)
         now = time.perf_counter()
@@ -410,8 +431,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         t_last, steps_since = now, 0
         writer.write_scalars(step, {f"train/{k}": v for k, v in last_metrics.items()})
         bar.set_postfix(loss=f"{last_metrics['loss']:.4g}")
-      if step % int(config.checkpoint.every) == 0 or step == num_steps or stop:
-        if last_metrics is None or step % int(config.log_every):
+      if _due(step, config.checkpoint.every) or step == num_steps or stop:
+        if not logged:
           _check_finite({k: float(v) for k, v in jax.device_get(metrics).items()}, step, workdir)
         checkpoints.save(manager, step, state, data_iter, force=True)
       if stop:
@@ -419,7 +440,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bar.close()
         _close(manager, writer, data_iter)
         return {}
-      if step % int(config.sample_every) == 0 or (int(eval_cfg.every) > 0 and step % int(eval_cfg.every) == 0):
+      if _due(step, config.sample_every) or _due(step, eval_cfg.every):
         if step != num_steps:
           periodic_outputs(step, state.ema_params)
     bar.close()
@@ -446,6 +467,12 @@ def _close(manager, writer, data_iter):
   writer.close()
   if hasattr(data_iter, "close"):
     data_iter.close()
+
+
+def _due(step: int, every) -> bool:
+  """Whether a periodic action (config.*_every, eval.every, checkpoint.every) runs at ``step``; 0 turns
+  it off (it still runs at the end of training)."""
+  return int(every) > 0 and step % int(every) == 0
 
 
 def _check_finite(metrics: dict[str, float], step: int, workdir: str):

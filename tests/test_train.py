@@ -75,6 +75,39 @@ def test_nan_loss_stops_without_overwriting_checkpoint(tmp_path, tiny_digits):
   assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
 
 
+def test_a_workdir_of_another_run_is_refused_and_left_as_it_was(tmp_path, tiny_digits):
+  """Resuming needs the same network, data, objective, preconditioning and optimizer (checkpoints.
+  RUN_IDENTITY); the schedule and compute options may change. A refused run writes nothing."""
+  workdir = str(tmp_path / "run")
+  train_and_evaluate(tiny_digits(3), workdir)
+  saved = open(os.path.join(workdir, "config.json")).read()
+  deeper = tiny_digits(6)
+  deeper.model.depth = 2
+  with pytest.raises(ValueError, match=r"holds checkpoints of another run: config.model.depth is 1 there, "
+                                       r"2 here\. Use a new --workdir, or resume with that run's config"):
+    train_and_evaluate(deeper, workdir)
+  other_data = tiny_digits(6)
+  other_data.data.x_flip = True
+  with pytest.raises(ValueError, match="config.data.x_flip is False there, True here"):
+    train_and_evaluate(other_data, workdir)
+  assert open(os.path.join(workdir, "config.json")).read() == saved
+  assert sorted(os.listdir(checkpoints.checkpoint_dir(workdir))) == ["3"]
+  # From the command line: one line, nothing written.
+  r = _run(["-m", "imm_jax.train", "--config", "configs/digits.py", f"--workdir={workdir}"], timeout=300)
+  assert r.returncode != 0 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+  assert r.stderr.startswith(f"error: --workdir {workdir} holds checkpoints of another run: config.data.image_size")
+  assert open(os.path.join(workdir, "config.json")).read() == saved
+  # Schedule changes resume, and 0 turns periodic grids and logs off (only the final ones).
+  c = tiny_digits(6)
+  c.update(sample_every=0, log_every=0)
+  c.optim.lr = 3e-4
+  train_and_evaluate(c, workdir)
+  pngs = sorted(os.path.basename(p) for p in glob.glob(os.path.join(workdir, "samples", "*_1step.png")))
+  assert pngs == ["step0000003_1step.png", "step0000006_1step.png"]
+  assert [r["step"] for r in read_metrics(workdir) if "train/loss" in r] == [1, 2, 3, 6]
+  assert json.load(open(os.path.join(workdir, "config.json")))["optim"]["lr"] == 3e-4
+
+
 def _run(args, **kw):
   return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, **kw)
 
