@@ -71,9 +71,12 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 def check_batch_layout(global_batch_size: int, group_size: int, mesh: Mesh, accum_steps: int = 1):
   """Every device must hold whole particle groups in every micro-batch, so the MMD stays local."""
+  if global_batch_size < 1 or accum_steps < 1:
+    raise ValueError(f"config.batch_size={global_batch_size} and config.grad_accum_steps={accum_steps} "
+                     f"must be positive")
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  per_micro = global_batch_size // max(accum_steps, 1)
-  if global_batch_size % max(accum_steps, 1):
+  per_micro = global_batch_size // accum_steps
+  if global_batch_size % accum_steps:
     raise ValueError(f"config.batch_size={global_batch_size} is not divisible by "
                      f"config.grad_accum_steps={accum_steps}")
   if per_micro % (shards * group_size):

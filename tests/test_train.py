@@ -75,6 +75,30 @@ def test_nan_loss_stops_without_overwriting_checkpoint(tmp_path, tiny_digits):
   assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.batch_size=30"], "config.batch_size / config.grad_accum_steps = 30 must be a multiple of "
+                                 "devices (8) x config.imm.group_size (4) so each device holds whole groups"),
+    (["--config.batch_size=16"], "= 16 must be a multiple of devices (8) x config.imm.group_size (4)"),
+    (["--config.batch_size=0"], "config.batch_size=0 and config.grad_accum_steps=1 must be positive"),
+    (["--config.model.name=transformer"], "unknown network 'transformer' (config.model.name): choose one of"),
+    (["--config.data.name=cifar"], "config.data.name='cifar' is not valid; choose one of digits, toy2d, images"),
+    (["--config.data.name=images", "--config.data.path=/no/such/dir"],
+     "config.data.path='/no/such/dir': /no/such/dir does not exist; expected a folder of images"),
+])
+def test_bad_input_stops_before_training_in_one_line(tmp_path, overrides, message):
+  """Issue 2's bad inputs, from the command line on 8 simulated devices: one line naming the option and
+  what is expected, exit status 1, and no workdir."""
+  workdir = tmp_path / "run"
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  r = subprocess.run([sys.executable, "-m", "imm_jax.train", "--config", "configs/digits.py",
+                      f"--workdir={workdir}", *overrides], capture_output=True, text=True, cwd=REPO, env=env,
+                     timeout=300)
+  assert r.returncode == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+  assert r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+  assert not workdir.exists()
+
+
 def test_a_workdir_of_another_run_is_refused_and_left_as_it_was(tmp_path, tiny_digits):
   """Resuming needs the same network, data, objective, preconditioning and optimizer (checkpoints.
   RUN_IDENTITY); the schedule and compute options may change. A refused run writes nothing."""

@@ -210,7 +210,7 @@ class DiT(nn.Module):
       raise ValueError(f"DiT built for {self.input_size}x{self.input_size}x{self.in_channels} inputs, "
                        f"got {x.shape[1:]}")
     if hgt % p:
-      raise ValueError(f"DiT input_size {hgt} is not divisible by patch_size {p}")
+      raise ValueError(f"DiT input_size {hgt} is not divisible by patch_size {p} (config.model.patch_size)")
     gh = hgt // p
 
     tokens = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID",
