@@ -21,6 +21,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
+from flax.traverse_util import flatten_dict
 
 from imm_jax.io_utils import atomic_open
 
@@ -146,8 +147,8 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict):
   if not has_checkpoint(workdir) or not os.path.exists(path):
     return
   with open(path) as f:
-    saved = _flatten(json.load(f))
-  new = _flatten(json.loads(config.to_json_best_effort()))
+    saved = flatten_dict(json.load(f), sep=".")
+  new = flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
   diffs = [k for k in sorted(saved.keys() & new.keys()) if _identity_key(k) and saved[k] != new[k]]
   if diffs:
     shown = "; ".join(f"config.{k} is {saved[k]!r} there, {new[k]!r} here" for k in diffs[:3])
@@ -160,15 +161,6 @@ def _identity_key(key: str) -> bool:
   def under(prefixes):
     return any(key == p or key.startswith(p + ".") for p in prefixes)
   return under(RUN_IDENTITY) and not under(RESUME_FREE)
-
-
-def _flatten(tree, prefix: str = "") -> dict:
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  out = {}
-  for k, v in tree.items():
-    out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
-  return out
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
