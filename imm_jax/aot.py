@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from imm_jax import data as data_lib
 from imm_jax import parallel
 from imm_jax.builder import Model, build_model
+from imm_jax.io_utils import input_errors, stop_on_input_errors
 from imm_jax.objectives import make_objective
 from imm_jax.trainer import init_state, make_optimizer, make_update_fn
 
@@ -128,14 +129,15 @@ def compile_update_fn(config, *, devices=None, input_shape: tuple[int, ...] | No
   that over-counts the update (a few FLOPs per parameter) by n - 1 times, negligible beside the network.
   """
   config = ml_collections.ConfigDict(config)
-  info = config_data_info(config, input_shape, num_classes)
-  model = build_model(config, info)
-  mesh = parallel.create_mesh(int(config.mesh.data), int(config.mesh.fsdp), devices=devices)
-  tx = make_optimizer(config.optim, int(config.num_steps))
-  objective = make_objective(config, model.net, model.precond, model.null_label)
-  batch_size = int(config.batch_size)
-  accum = int(config.get("grad_accum_steps", 1))
-  parallel.check_batch_layout(batch_size, objective.group_size, mesh, accum)
+  with input_errors():  # bad config: one line from the command-line tools
+    info = config_data_info(config, input_shape, num_classes)
+    model = build_model(config, info)
+    mesh = parallel.create_mesh(int(config.mesh.data), int(config.mesh.fsdp), devices=devices)
+    tx = make_optimizer(config.optim, int(config.num_steps))
+    objective = make_objective(config, model.net, model.precond, model.null_label)
+    batch_size = int(config.batch_size)
+    accum = int(config.get("grad_accum_steps", 1))
+    parallel.check_batch_layout(batch_size, objective.group_size, mesh, accum)
 
   # The state's layout as the trainer derives it (a distillation objective adds its teacher's arrays,
   # which are parameter-shaped).
@@ -249,7 +251,8 @@ def main(argv):
     devices = devices[:FLAGS.num_devices]
   input_shape = tuple(int(d) for d in FLAGS.input_shape.split(",")) if FLAGS.input_shape else None
   config = FLAGS.config
-  step = compile_update_fn(config, devices=devices, input_shape=input_shape, num_classes=FLAGS.num_classes)
+  with stop_on_input_errors():
+    step = compile_update_fn(config, devices=devices, input_shape=input_shape, num_classes=FLAGS.num_classes)
   print(describe(step, config), flush=True)
   if FLAGS.steps:
     _, history, seconds = run_steps(step, FLAGS.steps, seed=int(config.seed))

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from imm_jax import aot, sampling
 from imm_jax import data as data_lib
+from imm_jax.io_utils import input_errors, stop_on_input_errors
 
 # Forward passes per example in one IMM step: forward + backward (counted as two) on x_t, forward on x_r.
 IMM_PASSES_PER_STEP = 4
@@ -98,9 +99,9 @@ def make_sampler(config, steps: int, cfg_scale: float, batch_size: int, params=N
   """(model, run): ``run()`` draws ``batch_size`` samples with the ``steps``-step uniform pushforward
   sampler (guided at ``cfg_scale`` for class-conditional models) from fixed noise and labels.
   ``params``: the network's parameters (default: a fresh initialisation, enough for timing)."""
-  info = aot.config_data_info(config)
   from imm_jax.builder import build_model  # pylint: disable=import-outside-toplevel
-  model = build_model(config, info)
+  with input_errors():
+    model = build_model(config, aot.config_data_info(config))
   if params is None:
     params = jax.jit(model.init_params)(jax.random.key(0))
   noise = sampling.prior_noise(jax.random.key(1), (batch_size,) + model.input_shape, model.precond.sigma_d)
@@ -140,11 +141,12 @@ def benchmark_data(config, batches: int = 20, warmup: int = 3, needed_rate: floa
   step consumes on this process (e.g. 8 GPUs x 540 for DiT-XL/2 on H100s); the result then says how
   many times faster than that the pipeline is (below 1: it would starve the step).
   """
-  if batches < 1:
-    raise ValueError(f"--what=data times at least one batch: set --repeats >= 1, got {batches}")
   local_batch = int(config.batch_size) // jax.process_count()
-  it = data_lib.create_train_iterator(config.data, local_batch_size=local_batch, seed=int(config.seed),
-                                      process_index=jax.process_index(), process_count=jax.process_count())
+  with input_errors():
+    if batches < 1:
+      raise ValueError(f"--what=data times at least one batch: set --repeats >= 1, got {batches}")
+    it = data_lib.create_train_iterator(config.data, local_batch_size=local_batch, seed=int(config.seed),
+                                        process_index=jax.process_index(), process_count=jax.process_count())
   try:
     for _ in range(warmup):
       next(it)
@@ -191,13 +193,14 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   config = FLAGS.config
-  if FLAGS.what == "train":
-    result = benchmark_train(config, FLAGS.repeats, FLAGS.warmup)
-  elif FLAGS.what == "data":
-    result = benchmark_data(config, FLAGS.repeats, FLAGS.warmup, FLAGS.needed_rate)
-  else:
-    result = benchmark_sample(config, FLAGS.steps, FLAGS.cfg_scale, FLAGS.batch_size or int(config.batch_size),
-                              FLAGS.repeats, FLAGS.warmup)
+  with stop_on_input_errors():
+    if FLAGS.what == "train":
+      result = benchmark_train(config, FLAGS.repeats, FLAGS.warmup)
+    elif FLAGS.what == "data":
+      result = benchmark_data(config, FLAGS.repeats, FLAGS.warmup, FLAGS.needed_rate)
+    else:
+      result = benchmark_sample(config, FLAGS.steps, FLAGS.cfg_scale, FLAGS.batch_size or int(config.batch_size),
+                                FLAGS.repeats, FLAGS.warmup)
   print(report(result, FLAGS.peak_tflops), flush=True)
 
 

@@ -7,6 +7,8 @@ import os
 
 import ml_collections
 
+from imm_jax.io_utils import fail
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
@@ -41,17 +43,17 @@ def check_config_argv(argv, flag: str = "config") -> None:
   path, _, arg = value.partition(":")
   if not os.path.isfile(path):
     names = sorted(n for n in os.listdir(CONFIG_DIR) if n.endswith(".py")) if os.path.isdir(CONFIG_DIR) else []
-    raise SystemExit(f"--{flag}: no config file {path!r}; give a path such as configs/digits.py"
+    fail(f"--{flag}: no config file {path!r}; give a path such as configs/digits.py"
                      + (f" (the files in {CONFIG_DIR}: {', '.join(names)})" if names else ""))
   try:
     config = load_config(path, arg)
   except Exception as e:  # the config file's own error, e.g. an unknown variant
-    raise SystemExit(f"--{flag} {value}: {type(e).__name__}: {e}") from None
+    fail(f"--{flag} {value}: {type(e).__name__}: {e}")
   for key in overrides:
     try:
       config_lookup(config, key)
     except KeyError as e:
-      raise SystemExit(f"--{flag}.{key}: {path}: {e.args[0]}") from None
+      fail(f"--{flag}.{key}: {path}: {e.args[0]}")
 
 
 def config_lookup(config, key: str):

@@ -36,7 +36,7 @@ from PIL import Image
 
 from imm_jax.data import latents as latents_lib
 from imm_jax.data import sources
-from imm_jax.io_utils import atomic_open
+from imm_jax.io_utils import atomic_open, fail
 
 DEFAULT_SHARD_SIZE = 10_000
 
@@ -322,8 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             tfds_data_dir=args.tfds_data_dir, max_images=args.max_images,
                             workers=args.workers, progress=args.progress)
   except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    fail(str(e))
   meta = result["metadata"]
   print(f"{args.out}: encoded {len(result['encoded'])} shard(s) in {time.perf_counter() - t0:.1f} s, "
         f"{len(result['skipped'])} already done; {meta['num_records']} records of {meta['latent_shape']} "

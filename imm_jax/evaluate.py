@@ -41,6 +41,8 @@ from typing import Sequence
 
 import numpy as np
 
+from imm_jax.io_utils import fail
+
 METRICS = ("fid", "distance")
 
 __all__ = ["evaluate", "compute_reference", "main", "METRICS"]
@@ -300,8 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       info = compute_reference(args.data, args.out, split=args.split, num=args.num, image_size=args.image_size,
                                inception=args.inception, download=args.download, batch_size=args.batch_size)
     except errors as e:
-      print(f"error: {e}", file=sys.stderr)
-      return 2
+      fail(str(e))
     print(f"wrote reference statistics of {info['count']} images to {info['out']} (IS {info['is_mean']:.3f})")
     return 0
   args = _parser().parse_args(argv)
@@ -314,8 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        shard_size=args.shard_size, checkpoint_step=args.checkpoint_step, inception=args.inception,
                        download=args.download, distance_num=args.distance_num, vae=args.vae, out_dir=args.out_dir)
   except errors as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    fail(str(e))
   if results:
     print(format_table(results))
     print(f"results in {_eval_dir(args.workdir, args.out_dir)}/<tag>.json and <tag>.png")

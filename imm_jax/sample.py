@@ -23,10 +23,11 @@ sample is the same in a single file, in any shard layout and on any number of de
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
+
+from imm_jax.io_utils import fail
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A workdir written by imm_jax.train or imm_jax.convert.")
@@ -58,19 +59,14 @@ flags.DEFINE_string("vae", None, "Latent models: the SD-VAE folder (config.json 
 flags.mark_flags_as_required(["workdir", "out"])
 
 
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def _load_array(path: str, flag: str):
   import numpy as np
   if not os.path.exists(path):
-    _fail(f"--{flag}={path}: file not found")
+    fail(f"--{flag}={path}: file not found")
   try:
     return np.load(path, allow_pickle=False)
   except Exception as e:  # a corrupt or non-.npy file
-    _fail(f"--{flag}={path}: not a readable .npy array ({e})")
+    fail(f"--{flag}={path}: not a readable .npy array ({e})")
 
 
 def _check_labels(generator, labels, num: int):
@@ -172,8 +168,8 @@ def main(argv):
     from imm_jax import distributed
     distributed.initialize()
   if sharded and (FLAGS.noise or FLAGS.labels):
-    _fail(f"--noise / --labels need a single .npz --out (got the folder {FLAGS.out}): sharded sampling "
-          "draws the noise from --seed")
+    fail(f"--noise / --labels need a single .npz --out (got the folder {FLAGS.out}): sharded sampling "
+         "draws the noise from --seed")
   noise = _load_array(FLAGS.noise, "noise") if FLAGS.noise else None
   labels = _load_array(FLAGS.labels, "labels") if FLAGS.labels else None
   common = dict(steps=FLAGS.steps, num=FLAGS.num, schedule=FLAGS.schedule, mid_etas=FLAGS.mid_etas,
@@ -187,7 +183,7 @@ def main(argv):
     result = sample_to_file(FLAGS.workdir, FLAGS.out, noise=noise, labels=labels, overwrite=FLAGS.overwrite,
                             **common)
   except (ValueError, FileNotFoundError, FileExistsError) as e:
-    _fail(str(e))
+    fail(str(e))
   png = f" (and {FLAGS.out[:-4]}.png)" if os.path.exists(FLAGS.out[:-4] + ".png") else ""
   print(f"wrote {result['samples'].shape[0]} samples to {FLAGS.out}{png} "
         f"from checkpoint step {int(result['step'])}")

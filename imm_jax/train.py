@@ -13,6 +13,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from imm_jax.configs_loader import check_config_argv
+from imm_jax.io_utils import stop_on_input_errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:variant]).",
@@ -29,13 +30,8 @@ def main(argv):
   distributed.initialize()
   from imm_jax.trainer import train_and_evaluate
 
-  try:
+  with stop_on_input_errors():  # bad config, data or workdir: one line, before training
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except Exception as e:  # bad input found before training (trainer.input_errors): one line
-    if not getattr(e, "input_error", False):
-      raise
-    message = (str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)).strip().splitlines()
-    raise SystemExit(f"error: {message[0] if message else type(e).__name__}") from None
 
 
 def run():

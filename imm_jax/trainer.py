@@ -12,7 +12,6 @@ rest so a distillation run resumes without its teacher workdir.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -35,22 +34,12 @@ from imm_jax import images as images_lib
 from imm_jax import sampling
 from imm_jax.builder import Model, build_model
 from imm_jax.evaluation import distances
+from imm_jax.io_utils import input_errors
 from imm_jax.models import EXECUTION_OPTIONS
 from imm_jax.objectives import make_objective, time_range
 from imm_jax.writers import MetricWriter
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def input_errors():
-  """Marks the errors raised inside as bad input (``err.input_error = True``): ``imm_jax.train`` prints
-  those as one line instead of a traceback. Their types are kept (ValueError, FileNotFoundError, ...)."""
-  try:
-    yield
-  except (ValueError, FileNotFoundError, KeyError) as e:
-    e.input_error = True
-    raise
 
 
 @flax.struct.dataclass

@@ -54,7 +54,10 @@ for run in "${RUNS[@]}"; do
   secs=$(( $(date +%s) - start ))
   if [[ $rc -eq 0 ]]; then
     rate=$(grep -m1 -oE '"(examples|images)_per_second": [0-9.e+]*' "$OUT_DIR/$name.txt" | awk '{printf "%.1f", $2}')
+    # MFU from the analytic FLOP count (DiT), else from XLA's count of the compiled step (DDPM++)
     mfu=$(grep -m1 -o 'utilisation (analytic): [0-9.]*%' "$OUT_DIR/$name.txt" | awk '{print $3}')
+    [[ -z "$mfu" ]] && mfu=$(grep -m1 -o 'utilisation (XLA count): [0-9.]*%' "$OUT_DIR/$name.txt" \
+      | awk '{print $4 " (XLA count)"}')
     peak=$(grep -m1 -o '"peak_memory_bytes": [0-9]*' "$OUT_DIR/$name.txt" | awk '{printf "%.1f GiB", $2 / 2^30}')
     echo "   $rate per second, MFU ${mfu:-n/a}, peak ${peak:-n/a} (${secs} s wall)" | tee -a "$OUT_DIR/summary.txt"
   elif [[ $rc -eq 124 ]]; then

@@ -132,6 +132,22 @@ def test_data_rate_of_the_training_iterator():
   assert "keeps up with a step that needs 1 examples/s" in benchmark.report(result, None)
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["imm_jax.aot", "--config", "configs/digits.py", "--config.batch_size=6"],
+     "config.batch_size / config.grad_accum_steps = 6 must be a multiple of devices (1) x config.imm.group_size (4)"),
+    (["imm_jax.benchmark", "--config", "configs/digits.py", "--config.model.attention_impl=cudnn", "--what",
+      "sample"], "config.model.attention_impl='cudnn' needs an NVIDIA GPU, but JAX runs on cpu"),
+    (["imm_jax.benchmark", "--config", "configs/digits.py", "--what", "data", "--repeats", "0"],
+     "--what=data times at least one batch: set --repeats >= 1"),
+])
+def test_bad_input_is_one_line(argv, message):
+  """The ahead-of-time compiler and the benchmark stop on a bad config as imm_jax.train does."""
+  r = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr[-3000:]
+  assert r.stderr.startswith(f"error: {message}"), r.stderr
+
+
 def test_data_rate_command_line():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "imm_jax.benchmark", "--config", "configs/digits.py", "--what", "data",

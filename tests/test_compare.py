@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -56,3 +58,13 @@ def test_report_keeps_the_rest_of_the_page(tmp_path):
 
   png = np.asarray(Image.open(os.path.join(out, "results", "compare.png")))
   assert png.ndim == 3 and png.shape[1] > 1000 and png.std() > 10   # two panels with something drawn
+
+
+def test_an_unknown_dataset_stops_in_one_line_before_any_training(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "imm_jax.experiments.compare", "--datasets", "moons,nope",
+                      f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'o'}"], capture_output=True, text=True,
+                     timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+      "error: --datasets: unknown dataset 'nope': use digits or one of ('checkerboard', '8gaussians', 'moons')"]
+  assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+

@@ -80,11 +80,11 @@ DIGITS = os.path.join(CONFIG_DIR, "digits.py")
     (["--config", DIGITS, "--config.optim.lr.x", "1"], "(config.optim.lr is a value, not a group)"),
     (["--config", DIGITS, "--noconfig.ema.warmupp"], "no such config key 'ema.warmupp' (config.ema has: "),
 ])
-def test_bad_config_arguments_stop_with_one_line(argv, message):
+def test_bad_config_arguments_stop_with_one_line(argv, message, capsys):
   with pytest.raises(SystemExit) as e:
     check_config_argv(["imm_jax.train", *argv, "--workdir", "w"])
-  text = str(e.value.code)
-  assert message in text and "\n" not in text
+  text = capsys.readouterr().err
+  assert e.value.code == 2 and text.startswith("error: ") and message in text and text.count("\n") == 1
   if "hiden_size" in message:
     assert "hidden_size" in text  # the options list shows the right spelling
 
@@ -99,8 +99,8 @@ def test_train_stops_on_a_misspelt_override_before_touching_the_workdir(tmp_path
   workdir = tmp_path / "w"
   r = subprocess.run([sys.executable, "-m", "imm_jax.train", "--config", DIGITS, "--config.modle.depth=2",
                       f"--workdir={workdir}"], capture_output=True, text=True, timeout=120)
-  assert r.returncode != 0
+  assert r.returncode == 2
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1, r.stderr
-  assert lines[0].startswith(f"--config.modle.depth: {DIGITS}: no such config key 'modle.depth' (config has: ")
+  assert lines[0].startswith(f"error: --config.modle.depth: {DIGITS}: no such config key 'modle.depth' (config has: ")
   assert " model, " in lines[0] and not workdir.exists()

@@ -134,10 +134,11 @@ def test_cli_resumes_and_reports_missing_weights_in_one_line(setup, capsys):
   small = sources.resolve(_latents_cfg(half)).train.gather(np.arange(3))
   np.testing.assert_allclose(small["x"], full["x"], rtol=2e-3, atol=2e-3)
   np.testing.assert_array_equal(small["label"], full["label"])
-  rc = encode.main(["--data", setup["images"], "--vae", str(setup["root"] / "no_vae"), "--out",
-                    str(setup["root"] / "x")])
+  with pytest.raises(SystemExit) as e:
+    encode.main(["--data", setup["images"], "--vae", str(setup["root"] / "no_vae"), "--out",
+                 str(setup["root"] / "x")])
   err = capsys.readouterr().err.strip()
-  assert rc == 2 and "\n" not in err
+  assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err
   assert "huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir DIR" in err and "--vae" in err
 
 

@@ -32,9 +32,9 @@ def test_a_bad_set_stops_in_one_line_before_training(tmp_path):
   r = subprocess.run([sys.executable, "-m", "imm_jax.experiments.group_size", "--set", "imm.kk=3",
                       f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'o'}"],
                      capture_output=True, text=True, timeout=120)
-  assert r.returncode != 0
+  assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [
-      "--set: no such config key 'imm.kk' (config.imm has: T, eps, eta_max, eta_min, group_size, k, kernel, "
+      "error: --set: no such config key 'imm.kk' (config.imm has: T, eps, eta_max, eta_min, group_size, k, kernel, "
       "label_dropout, min_gap, weight_a, weight_b)"]
   assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
 

@@ -144,7 +144,9 @@ def test_missing_weights_one_line_error_and_no_download(tmp_path, monkeypatch, c
             load_inception(path)
         message = str(info.value)
         assert "\n" not in message and FID_WEIGHTS_URL in message and "--inception" in message
-    assert inception.main(["--convert", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "o.npz")]) == 2
+    with pytest.raises(SystemExit) as e:
+        inception.main(["--convert", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "o.npz")])
+    assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and FID_WEIGHTS_URL in err and not os.path.exists(tmp_path / "o.npz")
 

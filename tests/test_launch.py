@@ -110,12 +110,13 @@ def test_slurm_needs_config_and_workdir():
 
 def test_gpu_benchmarks_summarise_each_run_and_go_on_after_failures(tmp_path):
   """A stand-in for python prints what imm_jax.benchmark prints (train: examples/s; sample: images/s)
-  and fails for one run: the summary has one line per run with the figures, and the failure's last line."""
+  and fails for one run (DDPM++ has only XLA's FLOP count): the summary has one line per run with the figures, and the failure's last line."""
   fake = tmp_path / "python"
   fake.write_text(r"""#!/bin/bash
 case "$*" in
   *"-c "*) echo "jax 0.0 [FakeDevice]";;
-  *cifar10*) echo "Traceback"; echo "RuntimeError: out of memory"; exit 1;;
+  *"--steps 8"*) echo "Traceback"; echo "RuntimeError: out of memory"; exit 1;;
+  *cifar10*) printf '{\n "examples_per_second": 2100.0\n}\nmodel FLOPs utilisation (XLA count): 40.2%%\n';;
   *"--what sample"*) printf '{\n "images_per_second": 1234.5,\n "peak_memory_bytes": 2147483648\n}\n';;
   *) printf '{\n "examples_per_second": 567.26,\n "peak_memory_bytes": 1073741824\n}\n'
      echo "model FLOPs utilisation (analytic): 61.5% of 775 TFLOP/s per device";;
@@ -129,6 +130,7 @@ esac
   assert summary.count("== ") == 5
   assert "567.3 per second, MFU 61.5%, peak 1.0 GiB" in summary
   assert "1234.5 per second, MFU n/a, peak 2.0 GiB" in summary
+  assert "2100.0 per second, MFU 40.2% (XLA count), peak n/a" in summary  # DDPM++: no analytic count
   assert "failed (exit 1): RuntimeError: out of memory" in summary
   assert (out / "xl2_train.txt").exists() and (out / "xl2_sample_8step_cfg.txt").exists()
   only = _run(GPU_BENCH, str(tmp_path / "only"), PYTHON=str(fake), ONLY="b2_train")

@@ -307,9 +307,14 @@ def test_remat_keeps_parameters_values_and_gradients(network):
 
 
 def test_dit_attention_implementations():
-  chosen = create_network(ml_collections.ConfigDict(dict(TINY_DIT, attention_impl="cudnn", remat="block")),
+  chosen = create_network(ml_collections.ConfigDict(dict(TINY_DIT, attention_impl="xla", remat="block")),
                           input_shape=(8, 8, 4), num_classes=10)
-  assert (chosen.attention_impl, chosen.remat) == ("cudnn", "block")  # config.model fields reach the DiT
+  assert (chosen.attention_impl, chosen.remat) == ("xla", "block")  # config.model fields reach the DiT
+  # cuDNN where it cannot run stops when the network is built (the commands print it as one line).
+  expected = "needs an NVIDIA GPU" if jax.default_backend() != "gpu" else "needs bf16/fp16 compute"
+  with pytest.raises(ValueError, match=f"attention_impl='cudnn' {expected}"):
+    create_network(ml_collections.ConfigDict(dict(TINY_DIT, attention_impl="cudnn")), input_shape=(8, 8, 4),
+                   num_classes=10)
   module = create_network(ml_collections.ConfigDict(TINY_DIT), input_shape=(8, 8, 4), num_classes=10)
   args = _inputs(4, (8, 8, 4), 10)
   variables = {"params": _random_params(_abstract_params(module, (8, 8, 4), 10))}

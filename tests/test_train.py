@@ -87,14 +87,14 @@ def test_nan_loss_stops_without_overwriting_checkpoint(tmp_path, tiny_digits):
 ])
 def test_bad_input_stops_before_training_in_one_line(tmp_path, overrides, message):
   """Issue 2's bad inputs, from the command line on 8 simulated devices: one line naming the option and
-  what is expected, exit status 1, and no workdir."""
+  what is expected, exit status 2, and no workdir."""
   workdir = tmp_path / "run"
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
   r = subprocess.run([sys.executable, "-m", "imm_jax.train", "--config", "configs/digits.py",
                       f"--workdir={workdir}", *overrides], capture_output=True, text=True, cwd=REPO, env=env,
                      timeout=300)
-  assert r.returncode == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
   assert r.stderr.startswith("error: ") and message in r.stderr, r.stderr
   assert not workdir.exists()
 

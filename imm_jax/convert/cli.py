@@ -25,6 +25,7 @@ import os
 import sys
 
 from imm_jax.convert.released import NAMES
+from imm_jax.io_utils import fail
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,11 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--overwrite", action="store_true",
                  help="Replace the config.json and checkpoints/ of an existing non-empty --out.")
   return p
-
-
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def load_source(*, reference: str | None = None, pickle: str | None = None, yaml: str | None = None,
@@ -104,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
       print(f"note: {note}", file=sys.stderr)
     config = convert_to_workdir(state_dict, meta, args.out, overwrite=args.overwrite, source=source)
   except (ValueError, FileNotFoundError, FileExistsError, PickleError, FetchError) as e:
-    _fail(str(e))
+    fail(str(e))
   classes = f"{config.data.num_classes} classes" if config.data.num_classes else "unconditional"
   print(f"wrote {args.out}: {config.model.name} on {tuple(config.data.shape)} {config.data.kind}s "
         f"({classes}), f={config.precond.f_type}, temb={config.precond.temb_type}, eps={config.imm.eps}, "

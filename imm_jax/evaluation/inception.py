@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imm_jax.io_utils import fail
+
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    "pt_inception-2015-12-05-6726825d.pth")
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -505,8 +507,7 @@ def main(argv=None) -> int:
         save_npz(state_dict, args.out)
     except (InceptionWeightsError, KeyError, ValueError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+        fail(msg)
     print(f"wrote {args.out} ({len(np.load(args.out).files)} arrays) from {src}")
     return 0
 

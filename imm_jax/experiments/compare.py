@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
-from imm_jax.io_utils import atomic_open
+from imm_jax.io_utils import atomic_open, fail
 
 FLAGS = flags.FLAGS
 
@@ -309,6 +309,11 @@ def main(argv):
   opts = dict(train_steps=FLAGS.train_steps, distill_steps=FLAGS.distill_steps, batch_size=FLAGS.batch_size,
               model=FLAGS.model, distill_lr=FLAGS.distill_lr, eval_num=FLAGS.eval_num, seed=FLAGS.seed)
   command = "python -m imm_jax.experiments.compare " + " ".join(sys.argv[1:])
+  for dataset in FLAGS.datasets:  # every name is checked before anything trains
+    try:
+      _configs(dataset)
+    except ValueError as e:
+      fail(str(e))
   for dataset in FLAGS.datasets:
     res = run_dataset(dataset, opts, FLAGS.workdir, [int(k) for k in FLAGS.ks])
     res["command"] = command

@@ -34,7 +34,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from imm_jax.configs_loader import config_lookup, load_config
-from imm_jax.io_utils import atomic_open
+from imm_jax.io_utils import atomic_open, fail
 
 FLAGS = flags.FLAGS
 FLOOR_DRAWS = 5  # independent true-vs-true energy distances averaged for the floor
@@ -180,7 +180,7 @@ def main(argv):
     overrides = parse_overrides(FLAGS.set)
     apply_overrides(load_config(FLAGS.config, FLAGS.variant), overrides)
   except (KeyError, ValueError) as e:
-    raise SystemExit(f"--set: {e.args[0]}") from None
+    fail(f"--set: {e.args[0]}")
   results = run_group_size(FLAGS.config, FLAGS.variant, FLAGS.group_sizes, FLAGS.num_steps,
                            workdir=FLAGS.workdir, ks=FLAGS.ks, seeds=FLAGS.seeds,
                            overrides=overrides, tag=FLAGS.tag)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imm_jax.models.dit import DIT_PRESETS, DiT
+from imm_jax.models.dit import DIT_PRESETS, DiT, check_attention_impl
 from imm_jax.models.mlp import MLP
 from imm_jax.models.unet import SongUNet
 
@@ -87,7 +87,9 @@ def create_network(model_cfg, *, input_shape: tuple, num_classes: int):
         raise ValueError(f"unknown DiT preset {preset!r} (config.model.preset): choose one of "
                          f"{tuple(DIT_PRESETS)}")
       kwargs = {**DIT_PRESETS[preset], **kwargs}
-    return _build(DiT, name, input_size=h, in_channels=c, num_classes=num_classes, **kwargs)
+    net = _build(DiT, name, input_size=h, in_channels=c, num_classes=num_classes, **kwargs)
+    check_attention_impl(net.attention_impl, net.dtype)  # at build time, not deep in the first trace
+    return net
   if name == "unet":
     h, _, c = _spatial(input_shape, name)
     kwargs = _kwargs(model_cfg, ("name",))

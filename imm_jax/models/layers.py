@@ -86,7 +86,7 @@ def precise_cos_sin(labels, freqs: np.ndarray):
   """
   freqs = np.asarray(freqs, np.float64)
   labels = jnp.asarray(labels, jnp.float32)
-  sign = jnp.where(labels < 0, -1.0, 1.0).astype(jnp.float32)[:, None]
+  sign = jnp.where(labels < 0, jnp.float32(-1.0), jnp.float32(1.0))[:, None]  # float32 under x64 too
   mag = jnp.abs(labels)
   n = jnp.floor(mag)
   r = (mag - n)[:, None]
