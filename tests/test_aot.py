@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from imm_jax import aot
+from imm_jax import aot, benchmark
 from imm_jax import data as data_lib
 from imm_jax.builder import build_model
 from imm_jax.configs_loader import load_config
@@ -75,6 +75,8 @@ def test_dit_sizes_and_flops_match_table5(variant):
   # One more timestep MLP than DiT (the s embedding, 1.5M) and the null-class row.
   assert params / 1e6 == pytest.approx(millions, rel=0.01, abs=2.0)
   assert aot.forward_flops(model) / 2e9 == pytest.approx(gflops, rel=0.01)
+  # The benchmark's analytic count (its MFU figure) against the same table (XL/2: 237 GFLOP per sample).
+  assert benchmark.dit_forward_flops(model.net, model.input_shape) / 2e9 == pytest.approx(gflops, rel=0.01)
 
 
 def test_cifar10_unet_size_and_flops():

@@ -28,6 +28,7 @@ import pytest
 from conftest import make_tiny_digits
 from imm_jax import aot, benchmark
 from imm_jax.builder import build_model
+from imm_jax.configs_loader import load_config
 from imm_jax.objectives import imm as imm_objective
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,6 +122,17 @@ def test_bf16_guided_samples_match_float32(network):
     assert f32.dtype == bf16.dtype == np.float32 and f32.shape == (8, 8, 8, 1)
     assert np.all(np.isfinite(bf16))
     assert 0 < _rel_rms(bf16, f32) < 8 * BF16_EPS, (steps, _rel_rms(bf16, f32))
+
+
+def test_guided_sampling_benchmark_counts_two_passes_per_step():
+  """DiT-S/2 (Table 5: 6.06 GFLOPs, i.e. 12.1 GFLOP per forward) sampled with guidance, 1 step, 2 images:
+  2 passes x 2 images x 12.1 GFLOP, by the analytic count and by XLA's, and both utilisation lines."""
+  result = benchmark.benchmark_sample(load_config("imagenet256", "S/2"), 1, 1.5, 2, repeats=1, warmup=0)
+  expected = 2 * 2 * 2 * 6.06e9 / 1e12
+  assert result["analytic_tflop_per_batch"] == pytest.approx(expected, rel=0.01)
+  assert result["xla_tflop_per_batch"] == pytest.approx(expected, rel=0.01)
+  text = benchmark.report(result, 1.0)
+  assert "model FLOPs utilisation (analytic)" in text and "model FLOPs utilisation (XLA count)" in text
 
 
 def test_data_rate_of_the_training_iterator():
