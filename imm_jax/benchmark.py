@@ -9,7 +9,10 @@ of ``--repeats``: examples per second, model FLOPs utilisation against ``--peak_
 an analytic count of the network and from XLA's cost analysis), and peak device memory where the backend
 reports it. ``--what data`` times the trainer's own input iterator (``data.create_train_iterator`` with
 ``config.data``'s workers and prefetch) over ``--repeats`` batches after warm-up, against the rate the
-step consumes (``--needed_rate``). Results go into docs/benchmarks.md with the command, device and date.
+step consumes (``--needed_rate``). ``--profile_dir DIR`` then traces ``--profile_steps`` more steps with
+the JAX profiler and prints where the device time goes (:mod:`imm_jax.profiling`: busy share of the step,
+matmul / attention / fusion / copy shares, the most expensive kernels). Results go into
+docs/benchmarks.md with the command, device and date.
 
 The functions behind each mode (:class:`TrainLoop`, :func:`make_sampler`, :func:`benchmark_data`) are
 what the tests run, so that what is timed is what is checked (e.g. bf16 against float32).
@@ -26,7 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from imm_jax import aot, sampling
+from imm_jax import aot, profiling, sampling
 from imm_jax import data as data_lib
 from imm_jax.io_utils import input_errors, stop_on_input_errors
 
@@ -80,7 +83,19 @@ class TrainLoop:
     return metrics
 
 
-def benchmark_train(config, repeats: int = 10, warmup: int = 2) -> dict:
+def _profile(result: dict, fn, seconds: float, profile_dir: str | None, steps: int) -> dict:
+  """Adds ``result['profile']`` (profiling.summarize of ``steps`` more calls traced into ``profile_dir``).
+  A profiler failure (e.g. no CUPTI) is reported there instead of losing the timing."""
+  if profile_dir:
+    try:
+      result["profile"] = profiling.profile(fn, steps, profile_dir, seconds)
+    except Exception as e:  # pylint: disable=broad-except
+      result["profile"] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+  return result
+
+
+def benchmark_train(config, repeats: int = 10, warmup: int = 2, profile_dir: str | None = None,
+                    profile_steps: int = 3) -> dict:
   run = TrainLoop(config)
   step = run.step
   seconds = _median_seconds(run, repeats, warmup)
@@ -92,7 +107,7 @@ def benchmark_train(config, repeats: int = 10, warmup: int = 2) -> dict:
             "analytic_tflop_per_step": None if per_example is None
             else per_example * IMM_PASSES_PER_STEP * step.batch_size / 1e12,
             "compile_seconds": step.compile_seconds, "peak_memory_bytes": peak_memory_bytes()}
-  return result
+  return _profile(result, run, seconds, profile_dir, profile_steps)
 
 
 def make_sampler(config, steps: int, cfg_scale: float, batch_size: int, params=None):
@@ -120,7 +135,7 @@ def make_sampler(config, steps: int, cfg_scale: float, batch_size: int, params=N
 
 
 def benchmark_sample(config, steps: int, cfg_scale: float, batch_size: int, repeats: int = 10,
-                     warmup: int = 2) -> dict:
+                     warmup: int = 2, profile_dir: str | None = None, profile_steps: int = 3) -> dict:
   model, run = make_sampler(config, steps, cfg_scale, batch_size)
   seconds = _median_seconds(run, repeats, warmup)
   per_example = dit_forward_flops(model.net, model.input_shape)
@@ -128,11 +143,12 @@ def benchmark_sample(config, steps: int, cfg_scale: float, batch_size: int, repe
   passes = steps * (2 if guided else 1)
   # XLA's count of one network evaluation (guided: one batched pass over [conditional; null] rows).
   per_call = aot.forward_flops(model, batch_size * (2 if guided else 1))
-  return {"what": "sample", "steps": steps, "cfg_scale": cfg_scale, "batch_size": batch_size,
-          "seconds_per_batch": seconds, "images_per_second": batch_size / seconds,
-          "xla_tflop_per_batch": None if per_call is None else per_call * steps / 1e12,
-          "analytic_tflop_per_batch": None if per_example is None else per_example * passes * batch_size / 1e12,
-          "peak_memory_bytes": peak_memory_bytes()}
+  result = {"what": "sample", "steps": steps, "cfg_scale": cfg_scale, "batch_size": batch_size,
+            "seconds_per_batch": seconds, "images_per_second": batch_size / seconds,
+            "xla_tflop_per_batch": None if per_call is None else per_call * steps / 1e12,
+            "analytic_tflop_per_batch": None if per_example is None else per_example * passes * batch_size / 1e12,
+            "peak_memory_bytes": peak_memory_bytes()}
+  return _profile(result, run, seconds, profile_dir, profile_steps)
 
 
 def benchmark_data(config, batches: int = 20, warmup: int = 3, needed_rate: float | None = None) -> dict:
@@ -175,8 +191,12 @@ def report(result: dict, peak_tflops: float | None) -> str:
   tflop = result.get("analytic_tflop_per_step") or result.get("analytic_tflop_per_batch")
   seconds = result.get("seconds_per_step") or result.get("seconds_per_batch")
   device = jax.devices()[0]
+  prof = result.get("profile")
+  shown = {k: v for k, v in result.items() if k != "profile"}
+  if prof:
+    shown["profile_trace"] = prof.get("trace") or prof.get("error")
   lines = [f"{datetime.date.today().isoformat()} on {len(jax.devices())} x {device.device_kind} ({device.platform})",
-           json.dumps(result, indent=1)]
+           json.dumps(shown, indent=1)]
   if tflop and peak_tflops:
     lines.append(f"model FLOPs utilisation (analytic): {100 * tflop / seconds / (peak_tflops * result.get('devices', 1)):.1f}% "
                  f"of {peak_tflops} TFLOP/s per device")
@@ -184,6 +204,10 @@ def report(result: dict, peak_tflops: float | None) -> str:
   if xla_tflop and peak_tflops:
     lines.append(f"model FLOPs utilisation (XLA count): "
                  f"{100 * xla_tflop / seconds / (peak_tflops * result.get('devices', 1)):.1f}%")
+  if prof and "error" in prof:
+    lines.append(f"profile: failed ({prof['error']})")
+  elif prof:
+    lines.append(profiling.describe(prof))
   if "headroom" in result:
     verdict = "keeps up with" if result["headroom"] >= 1 else "would starve"
     lines.append(f"input pipeline: {result['examples_per_second']:.0f} examples/s, {verdict} a step that "
@@ -199,12 +223,12 @@ def main(argv):
   config = FLAGS.config
   with stop_on_input_errors():
     if FLAGS.what == "train":
-      result = benchmark_train(config, FLAGS.repeats, FLAGS.warmup)
+      result = benchmark_train(config, FLAGS.repeats, FLAGS.warmup, FLAGS.profile_dir, FLAGS.profile_steps)
     elif FLAGS.what == "data":
       result = benchmark_data(config, FLAGS.repeats, FLAGS.warmup, FLAGS.needed_rate)
     else:
       result = benchmark_sample(config, FLAGS.steps, FLAGS.cfg_scale, FLAGS.batch_size or int(config.batch_size),
-                                FLAGS.repeats, FLAGS.warmup)
+                                FLAGS.repeats, FLAGS.warmup, FLAGS.profile_dir, FLAGS.profile_steps)
   print(report(result, FLAGS.peak_tflops), flush=True)
 
 
@@ -224,6 +248,9 @@ def run():
   flags.DEFINE_integer("warmup", 2, "Untimed repeats first (compilation, autotuning, worker start-up).")
   flags.DEFINE_float("needed_rate", None, "--what=data: examples/s the training step consumes on this host.")
   flags.DEFINE_float("peak_tflops", None, "Per-device peak TFLOP/s for the utilisation figure.")
+  flags.DEFINE_string("profile_dir", None, "--what=train|sample: after timing, trace --profile_steps more calls "
+                      "with jax.profiler into this folder and print where the device time goes.")
+  flags.DEFINE_integer("profile_steps", 3, "Calls traced with --profile_dir.")
   flags.mark_flags_as_required(["config"])
   check_config_argv(sys.argv)
   app.run(main)

@@ -10,8 +10,9 @@
 # that fails or passes PER_RUN_TIMEOUT (seconds, default 240) is recorded as such and the suite goes on.
 # Settings (environment): PYTHON (python3), PEAK_TFLOPS (775, the matmul ceiling the issue measured on an
 # H100; ~790 on an H200), PER_RUN_TIMEOUT, ONLY (comma-separated run names), EXTRA (arguments added to
-# every run, e.g. "--repeats 20"). On a machine without pip access, install the packages from wheels
-# first (launch/fetch_wheels.sh).
+# every run, e.g. "--repeats 20"), PROFILE (1, the default: also trace 3 steps of each run into
+# OUT_DIR/profile_<name> and summarise where the device time goes; 0: timing only). On a machine without
+# pip access, install the packages from wheels first (launch/fetch_wheels.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +22,7 @@ PEAK_TFLOPS=${PEAK_TFLOPS:-775}
 PER_RUN_TIMEOUT=${PER_RUN_TIMEOUT:-240}
 ONLY=${ONLY:-}
 EXTRA=${EXTRA:-}
+PROFILE=${PROFILE:-1}
 mkdir -p "$OUT_DIR"
 
 BF16="--config.model.dtype=bfloat16"
@@ -45,10 +47,12 @@ for run in "${RUNS[@]}"; do
   name=${run%%|*}
   args=${run#*|}
   if [[ -n "$ONLY" && ",$ONLY," != *",$name,"* ]]; then continue; fi
-  echo "== $name: python -m imm_jax.benchmark $args --peak_tflops $PEAK_TFLOPS $EXTRA" | tee -a "$OUT_DIR/summary.txt"
+  prof=""
+  [[ "$PROFILE" == 1 ]] && prof="--profile_dir $OUT_DIR/profile_$name"
+  echo "== $name: python -m imm_jax.benchmark $args --peak_tflops $PEAK_TFLOPS $prof $EXTRA" | tee -a "$OUT_DIR/summary.txt"
   start=$(date +%s)
   # shellcheck disable=SC2086  # the arguments are meant to split
-  PYTHONUNBUFFERED=1 timeout "$PER_RUN_TIMEOUT" $PYTHON -m imm_jax.benchmark $args --peak_tflops "$PEAK_TFLOPS" $EXTRA \
+  PYTHONUNBUFFERED=1 timeout "$PER_RUN_TIMEOUT" $PYTHON -m imm_jax.benchmark $args --peak_tflops "$PEAK_TFLOPS" $prof $EXTRA \
     > "$OUT_DIR/$name.txt" 2>&1
   rc=$?
   secs=$(( $(date +%s) - start ))
@@ -60,6 +64,7 @@ for run in "${RUNS[@]}"; do
       | awk '{print $4 " (XLA count)"}')
     peak=$(grep -m1 -o '"peak_memory_bytes": [0-9]*' "$OUT_DIR/$name.txt" | awk '{printf "%.1f GiB", $2 / 2^30}')
     echo "   $rate per second, MFU ${mfu:-n/a}, peak ${peak:-n/a} (${secs} s wall)" | tee -a "$OUT_DIR/summary.txt"
+    grep -m1 '^profile:' "$OUT_DIR/$name.txt" | sed 's/^/   /' | tee -a "$OUT_DIR/summary.txt"
   elif [[ $rc -eq 124 ]]; then
     echo "   timed out after ${PER_RUN_TIMEOUT} s" | tee -a "$OUT_DIR/summary.txt"
   else

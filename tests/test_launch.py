@@ -119,7 +119,8 @@ case "$*" in
   *cifar10*) printf '{\n "examples_per_second": 2100.0\n}\nmodel FLOPs utilisation (XLA count): 40.2%%\n';;
   *"--what sample"*) printf '{\n "images_per_second": 1234.5,\n "peak_memory_bytes": 2147483648\n}\n';;
   *) printf '{\n "examples_per_second": 567.26,\n "peak_memory_bytes": 1073741824\n}\n'
-     echo "model FLOPs utilisation (analytic): 61.5% of 775 TFLOP/s per device";;
+     echo "model FLOPs utilisation (analytic): 61.5% of 775 TFLOP/s per device"
+     echo "profile: device busy 93% of the step; matmul 70%, attention 12% of the kernel time";;
 esac
 """)
   fake.chmod(0o755)
@@ -132,6 +133,9 @@ esac
   assert "1234.5 per second, MFU n/a, peak 2.0 GiB" in summary
   assert "2100.0 per second, MFU 40.2% (XLA count), peak n/a" in summary  # DDPM++: no analytic count
   assert "failed (exit 1): RuntimeError: out of memory" in summary
+  assert "   profile: device busy 93% of the step; matmul 70%, attention 12%" in summary
+  assert f"--profile_dir {out}/profile_xl2_train" in summary  # each run traces into its own folder
   assert (out / "xl2_train.txt").exists() and (out / "xl2_sample_8step_cfg.txt").exists()
-  only = _run(GPU_BENCH, str(tmp_path / "only"), PYTHON=str(fake), ONLY="b2_train")
-  assert (tmp_path / "only" / "summary.txt").read_text().count("== ") == 1, only.stderr
+  only = _run(GPU_BENCH, str(tmp_path / "only"), PYTHON=str(fake), ONLY="b2_train", PROFILE="0")
+  only_summary = (tmp_path / "only" / "summary.txt").read_text()
+  assert only_summary.count("== ") == 1 and "--profile_dir" not in only_summary, only.stderr
