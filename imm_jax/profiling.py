@@ -84,16 +84,21 @@ def device_kernels(events: Iterable[dict]) -> list[dict]:
         processes[e["pid"]] = e["args"]["name"]
       elif e.get("name") == "thread_name":
         threads[(e["pid"], e.get("tid"))] = e["args"]["name"]
+  complete = [e for e in events if e.get("ph") == "X" and e.get("dur", 0) > 0]
   devices = sorted(pid for pid, name in processes.items() if name.startswith("/device:") and "CPU" not in name)
+  if not devices:  # unnamed processes: the profiler numbers devices from 1 and the host above 100
+    devices = sorted({e["pid"] for e in complete if isinstance(e.get("pid"), int) and e["pid"] < 100})
   if not devices:
     return []
   pid = devices[0]
-  lines = {tid: name for (p, tid), name in threads.items() if p == pid}
-  streams = {tid for tid, name in lines.items() if name.startswith("Stream")}
-  if not streams:  # TPU (and GPU traces without stream names): the per-HLO-op line
-    streams = {tid for tid, name in lines.items() if name == "XLA Ops"}
-  return [e for e in events if e.get("ph") == "X" and e.get("pid") == pid and e.get("tid") in streams
-          and e.get("dur", 0) > 0]
+  lines = {e.get("tid") for e in complete if e["pid"] == pid}
+  names = {tid: threads.get((pid, tid), "") for tid in lines}
+  kernel_lines = {tid for tid, name in names.items() if name.startswith("Stream")}  # GPU: one event per kernel
+  if not kernel_lines:  # TPU: the per-HLO-op line
+    kernel_lines = {tid for tid, name in names.items() if name == "XLA Ops"}
+  if not kernel_lines:  # unnamed lines: the streams have small ids, derived lines (XLA Ops, ...) large ones
+    kernel_lines = {tid for tid in lines if isinstance(tid, int) and tid < 100}
+  return [e for e in complete if e["pid"] == pid and e.get("tid") in kernel_lines]
 
 
 def _union_length(intervals: list[tuple[float, float]]) -> float:

@@ -57,6 +57,13 @@ def test_gpu_trace_per_step_busy_time_and_kinds():
                                    "fusion 18%, copy 12% of the kernel time")
 
 
+def test_a_trace_without_process_and_thread_names():
+  """Without metadata: the device is the low pid, its kernels the low-numbered lines."""
+  events = [e for e in gpu_trace() if e["ph"] != "M"]
+  s = profiling.summarize(events, steps=2, seconds_per_step=1e-3)
+  assert s["kernels"] == 10 and s["busy_ms"] == pytest.approx(0.8)
+
+
 def test_tpu_trace_uses_the_xla_ops_line():
   events = [_meta(3, None, "process_name", "/device:TPU:0"), _meta(3, 1, "thread_name", "XLA Modules"),
             _meta(3, 2, "thread_name", "XLA Ops"), _kernel(3, 1, "jit_update_fn", 0, 500),
