@@ -232,11 +232,11 @@ def main(argv):
   print(report(result, FLAGS.peak_tflops), flush=True)
 
 
-def run():
-  from absl import app, flags  # pylint: disable=import-outside-toplevel
+def define_flags():
+  """The command line's flags (absl's global FLAGS), separate from :func:`run` so that launch scripts'
+  argument lists can be parsed in tests without running them."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
   from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
-
-  from imm_jax.configs_loader import check_config_argv  # pylint: disable=import-outside-toplevel
 
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:variant]).", lock_config=True)
   flags.DEFINE_enum("what", "train", ["train", "sample", "data"],
@@ -252,6 +252,14 @@ def run():
                       "with jax.profiler into this folder and print where the device time goes.")
   flags.DEFINE_integer("profile_steps", 3, "Calls traced with --profile_dir.")
   flags.mark_flags_as_required(["config"])
+
+
+def run():
+  from absl import app  # pylint: disable=import-outside-toplevel
+
+  from imm_jax.configs_loader import check_config_argv  # pylint: disable=import-outside-toplevel
+
+  define_flags()
   check_config_argv(sys.argv)
   app.run(main)
 

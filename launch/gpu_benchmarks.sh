@@ -11,8 +11,9 @@
 # Settings (environment): PYTHON (python3), PEAK_TFLOPS (775, the matmul ceiling the issue measured on an
 # H100; ~790 on an H200), PER_RUN_TIMEOUT, ONLY (comma-separated run names), EXTRA (arguments added to
 # every run, e.g. "--repeats 20"), PROFILE (1, the default: also trace 3 steps of each run into
-# OUT_DIR/profile_<name> and summarise where the device time goes; 0: timing only). On a machine without
-# pip access, install the packages from wheels first (launch/fetch_wheels.sh).
+# OUT_DIR/profile_<name> and summarise where the device time goes; 0: timing only), DRY_RUN (1: print
+# the commands, run nothing). On a machine without pip access, install the packages from wheels first
+# (launch/fetch_wheels.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,7 +24,7 @@ PER_RUN_TIMEOUT=${PER_RUN_TIMEOUT:-240}
 ONLY=${ONLY:-}
 EXTRA=${EXTRA:-}
 PROFILE=${PROFILE:-1}
-mkdir -p "$OUT_DIR"
+DRY_RUN=${DRY_RUN:-0}
 
 BF16="--config.model.dtype=bfloat16"
 DIT="$BF16 --config.model.attention_impl=cudnn"
@@ -36,6 +37,18 @@ RUNS=(
   "xl2_sample_1step_cfg|--config configs/imagenet256.py:XL/2 $DIT --what sample --steps 1 --cfg_scale 1.5 --batch_size 256"
   "xl2_sample_8step_cfg|--config configs/imagenet256.py:XL/2 $DIT --what sample --steps 8 --cfg_scale 1.5 --batch_size 256"
 )
+
+if [[ "$DRY_RUN" == 1 ]]; then
+  for run in "${RUNS[@]}"; do
+    name=${run%%|*}
+    if [[ -n "$ONLY" && ",$ONLY," != *",$name,"* ]]; then continue; fi
+    prof=""
+    [[ "$PROFILE" == 1 ]] && prof="--profile_dir $OUT_DIR/profile_$name"
+    echo "+ $PYTHON -m imm_jax.benchmark ${run#*|} --peak_tflops $PEAK_TFLOPS $prof $EXTRA"
+  done
+  exit 0
+fi
+mkdir -p "$OUT_DIR"
 
 {
   echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) $(hostname)"

@@ -3,9 +3,11 @@ the GPU benchmark suite runs each benchmark and summarises its output."""
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -106,6 +108,49 @@ def test_slurm_dry_run_prints_one_srun_task_per_node():
 def test_slurm_needs_config_and_workdir():
   r = _run(SLURM, "--dry-run", WORKDIR="/x")
   assert r.returncode != 0 and "set CONFIG" in r.stderr
+
+
+# Parses each command's arguments with imm_jax.benchmark's own flags (nothing runs) and prints what the
+# benchmark would build: a typo in the suite must not cost a GPU session.
+_PARSE = r"""
+import json, sys
+from absl import flags
+from imm_jax import aot, benchmark, parallel
+from imm_jax.configs_loader import check_config_argv
+benchmark.define_flags()
+FLAGS = flags.FLAGS
+check_config_argv(sys.argv)
+FLAGS(sys.argv)
+c = FLAGS.config
+parallel.check_batch_layout(int(c.batch_size), int(c.imm.group_size), parallel.create_mesh(1, 1), 1)
+size = [c.model.get(k) for k in ("patch_size", "hidden_size", "depth")]
+print(json.dumps([FLAGS.what, c.model.name, size, str(c.model.dtype),
+                  c.model.get("attention_impl"), c.model.remat, int(c.batch_size), FLAGS.steps, FLAGS.cfg_scale,
+                  FLAGS.batch_size, list(aot.config_data_info(c).shape), FLAGS.profile_dir is not None]))
+"""
+
+
+def test_gpu_benchmark_commands_parse_as_issue_8_asks(tmp_path):
+  dry = _run(GPU_BENCH, str(tmp_path / "out"), DRY_RUN="1", PYTHON="python3")
+  assert dry.returncode == 0 and not (tmp_path / "out").exists(), dry.stderr
+  commands = _commands(dry.stdout)
+  assert len(commands) == 5 and all(c[:3] == ["python3", "-m", "imm_jax.benchmark"] for c in commands)
+  parsed = []
+  for c in commands:
+    r = subprocess.run([sys.executable, "-c", _PARSE, *c[3:]], capture_output=True, text=True, cwd=REPO,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    parsed.append(json.loads(r.stdout.splitlines()[-1]))
+  latent, cifar = [32, 32, 4], [32, 32, 3]
+  dit = ["dit", "bfloat16", "cudnn"]
+  assert [p[:2] + p[3:5] for p in parsed] == [["train"] + dit] * 2 + [["train", "unet", "bfloat16", None]] + \
+      [["sample"] + dit] * 2
+  xl2, b2 = [2, 1152, 28], [2, 768, 12]  # DiT-XL/2 and B/2 (patch, width, depth)
+  assert [p[2] for p in parsed] == [xl2, b2, [None, None, None], xl2, xl2]
+  assert [p[6] for p in parsed[:3]] == [128, 256, 256]                      # issue 8's training batches
+  assert [p[7:10] for p in parsed[3:]] == [[1, 1.5, 256], [8, 1.5, 256]]   # 1 and 8 steps, guided, batch 256
+  assert [p[10] for p in parsed] == [latent, latent, cifar, latent, latent]
+  assert all(p[11] for p in parsed)  # each run is profiled
 
 
 def test_gpu_benchmarks_summarise_each_run_and_go_on_after_failures(tmp_path):
