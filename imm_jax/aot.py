@@ -22,7 +22,6 @@ no data pipeline exists yet).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 import time
 from typing import Any, Callable
@@ -38,7 +37,7 @@ from imm_jax import parallel
 from imm_jax.builder import Model, build_model
 from imm_jax.io_utils import input_errors, stop_on_input_errors
 from imm_jax.objectives import make_objective
-from imm_jax.trainer import init_state, make_optimizer, make_update_fn
+from imm_jax.trainer import make_optimizer, make_update_fn, train_state_layout
 
 _BUILT_IN = ("digits", "toy2d")  # datasets whose shape is known without reading anything external
 
@@ -139,14 +138,8 @@ def compile_update_fn(config, *, devices=None, input_shape: tuple[int, ...] | No
     accum = int(config.get("grad_accum_steps", 1))
     parallel.check_batch_layout(batch_size, objective.group_size, mesh, accum)
 
-  # The state's layout as the trainer derives it (a distillation objective adds its teacher's arrays,
-  # which are parameter-shaped).
-  init_fn = functools.partial(init_state, model, tx, int(config.seed), objective)
-  teacher_items = tuple(getattr(objective, "teacher_items", ()))
-  params_shape = jax.eval_shape(lambda: model.init_params(jax.random.key(0)))
-  shapes = jax.eval_shape(init_fn, {k: params_shape for k in teacher_items} if teacher_items else None)
-  state_sh = parallel.state_shardings(mesh, shapes, int(config.mesh.fsdp_min_size))
-  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sh)
+  # The state's layout as the trainer derives it.
+  init_fn, teacher_items, state_sh, abstract_state = train_state_layout(model, tx, objective, mesh, config)
 
   def init():
     teacher = None
@@ -166,7 +159,7 @@ def compile_update_fn(config, *, devices=None, input_shape: tuple[int, ...] | No
   compiled = jitted.lower(abstract_state, abstract_batch).compile()
   seconds = time.perf_counter() - start
   flops = flop_count(compiled)
-  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(shapes.params))
+  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract_state.params))
   return CompiledStep(
       compiled=compiled, model=model, mesh=mesh, batch_size=batch_size, state_shardings=state_sh,
       batch_sharding=batch_sh, abstract_state=abstract_state, abstract_batch=abstract_batch,

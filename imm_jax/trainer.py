@@ -150,6 +150,25 @@ def has_objective_state(objective) -> bool:
   return hasattr(objective, "init_extra")
 
 
+def train_state_layout(model: Model, tx, objective, mesh, config):
+  """The train state's layout from shapes alone: ``(init_fn, teacher_items, shardings, abstract)``.
+
+  ``init_fn(teacher)`` makes a fresh state (``init_state``); ``teacher_items`` are the teacher arrays a
+  distillation objective needs (empty otherwise; they are parameter-shaped, so nothing is loaded here);
+  ``abstract`` holds ShapeDtypeStructs carrying the state ``shardings`` (``parallel.state_shardings``).
+  """
+  init_fn = functools.partial(init_state, model, tx, int(config.seed), objective)
+  teacher_items = tuple(getattr(objective, "teacher_items", ()))
+  teacher_shapes = None
+  if teacher_items:
+    params_shape = jax.eval_shape(lambda: model.init_params(jax.random.key(0)))
+    teacher_shapes = {k: params_shape for k in teacher_items}
+  shapes = jax.eval_shape(init_fn, teacher_shapes)
+  shardings = parallel.state_shardings(mesh, shapes, int(config.mesh.fsdp_min_size))
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+  return init_fn, teacher_items, shardings, abstract
+
+
 def init_state(model: Model, tx, seed: int, objective=None, teacher=None) -> TrainState:
   """A fresh state; objectives with their own state (distillation) set the initial parameters (the
   teacher's) and ``extra`` from ``teacher`` (what ``load_teacher`` returns)."""
@@ -305,16 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     parallel.check_batch_layout(int(config.batch_size), objective.group_size, mesh, accum)
     checkpoints.check_resumable(workdir, config)  # before anything in the workdir is written
 
-    init_fn = functools.partial(init_state, model, tx, int(config.seed), objective)
-    teacher_items = tuple(getattr(objective, "teacher_items", ()))
-    if teacher_items:
-      # The teacher's arrays are parameter-shaped: the state's layout is known without loading them.
-      params_shape = jax.eval_shape(lambda: model.init_params(jax.random.key(0)))
-      abstract = jax.eval_shape(init_fn, {k: params_shape for k in teacher_items})
-    else:
-      abstract = jax.eval_shape(init_fn, None)
-    state_sh = parallel.state_shardings(mesh, abstract, int(config.mesh.fsdp_min_size))
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh)
+    init_fn, teacher_items, state_sh, abstract = train_state_layout(model, tx, objective, mesh, config)
     local_batch = int(config.batch_size) // jax.process_count()
     data_iter = data_lib.create_train_iterator(
         config.data, local_batch_size=local_batch, seed=int(config.seed),
