@@ -2,6 +2,7 @@
 
   python -m imm_jax.aot --config configs/imagenet256.py:XL/2 [--num_devices 8] [--config.batch_size=4096]
   python -m imm_jax.aot --config configs/cifar10.py --num_devices 8 --steps 3   # + 3 steps on random batches
+  python -m imm_jax.aot --config configs/imagenet256.py:XL/2 --target h100     # for a GPU, from any host
 
 The model, objective and optimizer come from the config exactly as in ``imm_jax.trainer``; the train
 state exists only as shapes (``jax.eval_shape``) carrying the trainer's shardings (``parallel``), and the
@@ -17,6 +18,11 @@ about float32 size, for one). ``--config.model.remat`` and ``--config.grad_accum
 to make a device's share of the batch fit (docs/benchmarks.md has the figures of the paper configs).
 ``--steps N`` runs N real steps on random batches of the right shape (a smoke test and a step time where
 no data pipeline exists yet).
+
+``--target h100|h200`` compiles for that NVIDIA GPU (``--num_devices`` of them on one host) on a machine
+without one, through JAX's CUDA plugin (``imm_jax.gpu_target``): the memory figures are then XLA:GPU's
+own, with how much of the GPU they take, and the optimised program's kernels are added up by kind with a
+roofline estimate of the step time (``imm_jax.profiling.hlo_account``).
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from imm_jax import data as data_lib
-from imm_jax import parallel
+from imm_jax import gpu_target, parallel, profiling, sampling
 from imm_jax.builder import Model, build_model
-from imm_jax.io_utils import input_errors, stop_on_input_errors
+from imm_jax.io_utils import fail, input_errors, stop_on_input_errors
+from imm_jax.models import target_platform
 from imm_jax.objectives import make_objective
 from imm_jax.trainer import make_optimizer, make_update_fn, train_state_layout
 
@@ -80,6 +87,7 @@ class CompiledStep:
   compile_seconds: float
   memory: dict[str, int] | None  # bytes per device (None where the backend does not report them)
   flops: float | None            # per device per step (a multiply-add is 2 FLOPs); see compile_update_fn
+  platform: str = "cpu"          # what it was compiled for: the mesh devices' platform
 
   def random_batch(self, seed: int = 0) -> dict[str, jax.Array]:
     """A global batch of the right shape: N(0, 0.5^2) examples, uniform labels (for smoke tests)."""
@@ -126,8 +134,15 @@ def compile_update_fn(config, *, devices=None, input_shape: tuple[int, ...] | No
   :func:`config_data_info`. FLOPs: XLA's cost analysis counts a loop body once, so with
   ``config.grad_accum_steps = n`` its count (one micro-batch plus the optimizer update) is scaled by n;
   that over-counts the update (a few FLOPs per parameter) by n - 1 times, negligible beside the network.
+  Where XLA has no cost analysis (compile-only GPU devices), the FLOPs are those of the optimised
+  program's dots, convolutions and attention (``profiling.hlo_account``).
   """
-  config = ml_collections.ConfigDict(config)
+  platform = (list(devices) if devices is not None else jax.devices())[0].platform
+  with target_platform(platform):  # the networks' platform checks are for the devices compiled for
+    return _compile_update_fn(ml_collections.ConfigDict(config), devices, platform, input_shape, num_classes)
+
+
+def _compile_update_fn(config, devices, platform: str, input_shape, num_classes) -> CompiledStep:
   with input_errors():  # bad config: one line from the command-line tools
     info = config_data_info(config, input_shape, num_classes)
     model = build_model(config, info)
@@ -159,12 +174,82 @@ def compile_update_fn(config, *, devices=None, input_shape: tuple[int, ...] | No
   compiled = jitted.lower(abstract_state, abstract_batch).compile()
   seconds = time.perf_counter() - start
   flops = flop_count(compiled)
+  flops = profiling.hlo_account(compiled.as_text(), 1.0, 1.0)["flops"] if flops is None else flops * accum
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract_state.params))
   return CompiledStep(
       compiled=compiled, model=model, mesh=mesh, batch_size=batch_size, state_shardings=state_sh,
       batch_sharding=batch_sh, abstract_state=abstract_state, abstract_batch=abstract_batch,
       init=init, num_params=num_params, compile_seconds=seconds,
-      memory=memory_stats(compiled), flops=None if flops is None else flops * accum)
+      memory=memory_stats(compiled), flops=flops, platform=platform)
+
+
+def sample_fn(model: Model, config, steps: int, cfg_scale: float) -> Callable:
+  """``(params, noise, labels) -> samples``: the ``steps``-step pushforward sampler on the uniform schedule
+  (``config.imm`` eps and T), guided at ``cfg_scale`` for class-conditional models (one batched pass over
+  conditional and null rows); what ``imm_jax.benchmark --what sample`` times."""
+  guided = model.null_label is not None and cfg_scale != 1.0
+  times = sampling.make_schedule("uniform", steps, model.precond.interpolant, float(config.imm.eps),
+                                 float(config.imm.T))
+
+  def fn(params, noise, labels):
+    return sampling.generate(model.net, params, model.precond, noise, times, labels, cfg_scale,
+                             guided=guided, null_label=model.null_label)
+
+  return fn
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSampler:
+  """:func:`sample_fn` compiled for a batch split over a mesh's devices (parameters replicated)."""
+
+  compiled: Any                  # jax.stages.Compiled: (params, noise, labels) -> samples
+  model: Model
+  mesh: Mesh
+  batch_size: int
+  steps: int
+  cfg_scale: float
+  num_params: int
+  compile_seconds: float
+  memory: dict[str, int] | None
+  flops: float | None            # per device per batch
+  platform: str = "cpu"
+
+
+def compile_sampler(config, steps: int, cfg_scale: float, batch_size: int, *, devices=None,
+                    input_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> CompiledSampler:
+  """Lower and compile :func:`sample_fn` from shapes alone, the batch split over ``devices`` (default
+  all). FLOPs per device: XLA's count of one network evaluation on a device's rows (:func:`forward_flops`;
+  guided: conditional and null rows) times ``steps``, as the benchmark counts them; for compile-only
+  devices, the optimised program's (``profiling.hlo_account``)."""
+  devices = list(devices) if devices is not None else jax.devices()
+  platform = devices[0].platform
+  with target_platform(platform):
+    with input_errors():
+      config = ml_collections.ConfigDict(config)
+      model = build_model(config, config_data_info(config, input_shape, num_classes))
+      if steps < 1 or batch_size < 1:
+        raise ValueError(f"sampling needs --sample_steps >= 1 and --batch_size >= 1, got {steps} and {batch_size}")
+      if batch_size % len(devices):
+        raise ValueError(f"--batch_size={batch_size} does not split over {len(devices)} devices: give a multiple")
+    mesh = parallel.create_mesh(len(devices), 1, devices=devices)
+    batch_sh, rep = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), model.abstract_params())
+    noise = jax.ShapeDtypeStruct((batch_size,) + model.input_shape, jnp.float32, sharding=batch_sh)
+    labels = (None if model.null_label is None
+              else jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sh))
+    start = time.perf_counter()
+    compiled = jax.jit(sample_fn(model, config, steps, cfg_scale)).lower(params, noise, labels).compile()
+    seconds = time.perf_counter() - start
+    guided = model.null_label is not None and cfg_scale != 1.0
+    if platform == jax.default_backend():
+      flops = forward_flops(model, batch_size // len(devices) * (2 if guided else 1))
+      flops = None if flops is None else flops * steps
+    else:  # compile-only devices: this backend cannot lower the network as they run it
+      flops = profiling.hlo_account(compiled.as_text(), 1.0, 1.0)["flops"]
+  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  return CompiledSampler(compiled=compiled, model=model, mesh=mesh, batch_size=batch_size, steps=steps,
+                         cfg_scale=cfg_scale, num_params=num_params, compile_seconds=seconds,
+                         memory=memory_stats(compiled), flops=flops, platform=platform)
 
 
 def forward_flops(model: Model, batch_size: int = 1) -> float | None:
@@ -184,29 +269,52 @@ def _gib(n: int) -> str:
   return f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
-def describe(step: CompiledStep, config) -> str:
-  devices = step.mesh.devices.size
-  mesh = " x ".join(f"{k}={v}" for k, v in step.mesh.shape.items())
-  accum = int(config.get("grad_accum_steps", 1))
-  net = step.model.net
+def describe(program: CompiledStep | CompiledSampler, config, target: gpu_target.GpuTarget | None = None) -> str:
+  """What was compiled, its memory and FLOPs per device; for a GPU ``target``, also the share of the
+  GPU's memory and the optimised program's roofline account (``profiling.hlo_account``)."""
+  devices = program.mesh.devices.size
+  mesh = " x ".join(f"{k}={v}" for k, v in program.mesh.shape.items())
+  where = f"{target.description} (compile-only)" if target else program.mesh.devices.flat[0].platform
+  net = program.model.net
   lines = [
-      f"model: {step.num_params / 1e6:.2f}M parameters, input {step.model.input_shape}, "
-      f"{step.model.num_classes} classes; compute {jnp.dtype(net.dtype).name}, remat "
-      f"{getattr(net, 'remat', 'none')}",
-      f"step: global batch {step.batch_size} ({step.batch_size // devices} per device"
-      + (f", {accum} micro-batches" if accum > 1 else "") + f") on {devices} {step.mesh.devices.flat[0].platform}"
-      f" devices, mesh {mesh}; compiled in {step.compile_seconds:.1f} s",
-  ]
-  if step.memory is not None:
-    m = step.memory
+      f"model: {program.num_params / 1e6:.2f}M parameters, input {program.model.input_shape}, "
+      f"{program.model.num_classes} classes; compute {jnp.dtype(net.dtype).name}, remat "
+      f"{getattr(net, 'remat', 'none')}"]
+  per_device = program.batch_size // devices
+  if isinstance(program, CompiledSampler):
+    unit, examples = "batch", "images"
+    guided = program.model.null_label is not None and program.cfg_scale != 1.0
+    lines.append(f"sampler: {program.steps} step(s)" + (f", guidance {program.cfg_scale} (conditional and null rows"
+                                                        f" in one pass)" if guided else "")
+                 + f", batch {program.batch_size} ({per_device} per device) on {devices} {where} devices; "
+                 f"compiled in {program.compile_seconds:.1f} s")
+  else:
+    unit, examples = "step", "examples"
+    accum = int(config.get("grad_accum_steps", 1))
+    lines.append(f"step: global batch {program.batch_size} ({per_device} per device"
+                 + (f", {accum} micro-batches" if accum > 1 else "") + f") on {devices} {where} devices, mesh "
+                 f"{mesh}; compiled in {program.compile_seconds:.1f} s")
+  if program.memory is not None:
+    m = program.memory
     lines.append(f"memory per device: arguments {_gib(m['arguments'])}, outputs {_gib(m['outputs'])} "
-                 f"({_gib(m['aliased'])} aliased with the donated state), temporaries {_gib(m['temporaries'])}"
+                 f"({_gib(m['aliased'])} aliased with donated arguments), temporaries {_gib(m['temporaries'])}"
                  f", total {_gib(m['total'])}")
   else:
     lines.append("memory per device: not reported by this backend")
-  if step.flops is not None:
-    lines.append(f"FLOPs per step: {step.flops / 1e12:.3f} TFLOP per device, {step.flops * devices / 1e12:.3f} "
-                 f"TFLOP in all ({step.flops * devices / step.batch_size / 1e9:.2f} GFLOP per example)")
+  if program.flops is not None:
+    lines.append(f"FLOPs per {unit}: {program.flops / 1e12:.3f} TFLOP per device, {program.flops * devices / 1e12:.3f} "
+                 f"TFLOP in all ({program.flops * devices / program.batch_size / 1e9:.2f} GFLOP per example)")
+  if target is not None:
+    if program.memory is not None:
+      share = program.memory["total"] / target.memory_bytes
+      lines.append(f"that is {100 * share:.0f}% of the GPU's {_gib(target.memory_bytes)}: "
+                   + ("fits JAX's default preallocation (75%)" if share <= 0.75 else
+                      "more than JAX's default preallocation (75%): set XLA_PYTHON_CLIENT_MEM_FRACTION"
+                      if share <= 0.95 else "does not fit: set config.model.remat or config.grad_accum_steps"))
+    account = profiling.hlo_account(program.compiled.as_text(), target.peak_flops, target.bandwidth)
+    lines.append(profiling.describe_account(account, unit))
+    lines.append(f"  at that roofline: {program.batch_size / account['roofline_ms'] * 1e3:.0f} {examples}/s (an "
+                 f"upper bound: real kernels reach a fraction of both ceilings; XLA did not autotune without a GPU)")
   return "\n".join(lines)
 
 
@@ -233,20 +341,40 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  if FLAGS.num_devices:
-    jax.config.update("jax_num_cpu_devices", FLAGS.num_devices)  # CPU only; before the backend starts
-  devices = jax.devices()
-  if FLAGS.num_devices:
-    if len(devices) < FLAGS.num_devices:
-      raise app.UsageError(
-          f"--num_devices={FLAGS.num_devices} but only {len(devices)} {devices[0].platform} devices are "
-          f"visible; compile for a CPU stand-in with JAX_PLATFORMS=cpu")
-    devices = devices[:FLAGS.num_devices]
+  target = gpu_target.TARGETS[FLAGS.target] if FLAGS.target else None
+  if target is not None:
+    if FLAGS.steps:
+      fail(f"--steps={FLAGS.steps} runs steps, which compile-only --target {FLAGS.target} devices cannot: "
+           f"drop one of them")
+    # Only compiling: keep JAX off any GPU here, and the CUDA plugin from checking for a driver.
+    jax.config.update("jax_platforms", "cpu")
+    with stop_on_input_errors(), input_errors():
+      devices = gpu_target.devices(FLAGS.target, FLAGS.num_devices or 1)
+  else:
+    if FLAGS.num_devices:
+      jax.config.update("jax_num_cpu_devices", FLAGS.num_devices)  # CPU only; before the backend starts
+    devices = jax.devices()
+    if FLAGS.num_devices:
+      if len(devices) < FLAGS.num_devices:
+        raise app.UsageError(
+            f"--num_devices={FLAGS.num_devices} but only {len(devices)} {devices[0].platform} devices are "
+            f"visible; compile for a CPU stand-in with JAX_PLATFORMS=cpu")
+      devices = devices[:FLAGS.num_devices]
   input_shape = tuple(int(d) for d in FLAGS.input_shape.split(",")) if FLAGS.input_shape else None
   config = FLAGS.config
+  if FLAGS.what == "sample":
+    if FLAGS.steps:
+      fail(f"--steps={FLAGS.steps} runs training steps; with --what sample time the sampler with "
+           f"python -m imm_jax.benchmark --what sample")
+    with stop_on_input_errors():
+      sampler = compile_sampler(config, FLAGS.sample_steps, FLAGS.cfg_scale,
+                                FLAGS.batch_size or int(config.batch_size), devices=devices,
+                                input_shape=input_shape, num_classes=FLAGS.num_classes)
+    print(describe(sampler, config, target), flush=True)
+    return
   with stop_on_input_errors():
     step = compile_update_fn(config, devices=devices, input_shape=input_shape, num_classes=FLAGS.num_classes)
-  print(describe(step, config), flush=True)
+  print(describe(step, config, target), flush=True)
   if FLAGS.steps:
     _, history, seconds = run_steps(step, FLAGS.steps, seed=int(config.seed))
     for i, metrics in enumerate(history, 1):
@@ -268,6 +396,12 @@ def run():
   flags.DEFINE_string("input_shape", None, "Example shape, e.g. 32,32,4 (default: from config.data).")
   flags.DEFINE_integer("num_classes", None, "Classes (default: config.model/data.num_classes, else 0).")
   flags.DEFINE_integer("steps", 0, "Also run this many steps on random batches and time them.")
+  flags.DEFINE_enum("what", "train", ["train", "sample"], "Compile the training step or the sampler.")
+  flags.DEFINE_integer("sample_steps", 1, "--what=sample: sampling steps (the uniform schedule).")
+  flags.DEFINE_float("cfg_scale", 1.0, "--what=sample: guidance scale (1 = no guidance pass).")
+  flags.DEFINE_integer("batch_size", 0, "--what=sample: images per batch (default: config.batch_size).")
+  flags.DEFINE_enum("target", None, list(gpu_target.TARGETS),
+                    "Compile for this NVIDIA GPU (needs JAX's CUDA plugin, not the GPU): memory and roofline.")
   flags.mark_flags_as_required(["config"])
   check_config_argv(sys.argv)
   app.run(main)

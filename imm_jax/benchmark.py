@@ -29,7 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from imm_jax import aot, profiling, sampling
+from imm_jax import aot, gpu_target, profiling, sampling
 from imm_jax import data as data_lib
 from imm_jax.io_utils import input_errors, stop_on_input_errors
 
@@ -99,6 +99,7 @@ def benchmark_train(config, repeats: int = 10, warmup: int = 2, profile_dir: str
   run = TrainLoop(config)
   step = run.step
   seconds = _median_seconds(run, repeats, warmup)
+  target = gpu_target.for_device(step.mesh.devices.flat[0])
   per_example = dit_forward_flops(step.model.net, step.model.input_shape)
   devices = step.mesh.devices.size
   result = {"what": "train", "batch_size": step.batch_size, "seconds_per_step": seconds,
@@ -107,6 +108,10 @@ def benchmark_train(config, repeats: int = 10, warmup: int = 2, profile_dir: str
             "analytic_tflop_per_step": None if per_example is None
             else per_example * IMM_PASSES_PER_STEP * step.batch_size / 1e12,
             "compile_seconds": step.compile_seconds, "peak_memory_bytes": peak_memory_bytes()}
+  if target is not None:  # the compiled (autotuned) step's kernels at this GPU's roofline: the measured
+    account = profiling.hlo_account(step.compiled.as_text(), target.peak_flops, target.bandwidth)
+    result["roofline_ms"] = account["roofline_ms"]  # step against that is the kernels' efficiency
+    result["roofline_ms_by_kind"] = {k: v["ms"] for k, v in account["kinds"].items()}
   return _profile(result, run, seconds, profile_dir, profile_steps)
 
 
@@ -121,17 +126,10 @@ def make_sampler(config, steps: int, cfg_scale: float, batch_size: int, params=N
     params = jax.jit(model.init_params)(jax.random.key(0))
   noise = sampling.prior_noise(jax.random.key(1), (batch_size,) + model.input_shape, model.precond.sigma_d)
   labels = None
-  guided = model.null_label is not None and cfg_scale != 1.0
   if model.null_label is not None:
     labels = jnp.arange(batch_size, dtype=jnp.int32) % model.num_classes
-  times = sampling.make_schedule("uniform", steps, model.precond.interpolant, float(config.imm.eps),
-                                 float(config.imm.T))
-
-  def run():
-    return sampling.generate(model.net, params, model.precond, noise, times, labels, cfg_scale,
-                             guided=guided, null_label=model.null_label)
-
-  return model, run
+  fn = aot.sample_fn(model, config, steps, cfg_scale)
+  return model, lambda: fn(params, noise, labels)
 
 
 def benchmark_sample(config, steps: int, cfg_scale: float, batch_size: int, repeats: int = 10,
@@ -204,6 +202,9 @@ def report(result: dict, peak_tflops: float | None) -> str:
   if xla_tflop and peak_tflops:
     lines.append(f"model FLOPs utilisation (XLA count): "
                  f"{100 * xla_tflop / seconds / (peak_tflops * result.get('devices', 1)):.1f}%")
+  if result.get("roofline_ms"):
+    lines.append(f"roofline of the compiled step: {result['roofline_ms']:.1f} ms; the timed step "
+                 f"({1e3 * seconds:.1f} ms) runs at {100 * result['roofline_ms'] / (1e3 * seconds):.0f}% of it")
   if prof and "error" in prof:
     lines.append(f"profile: failed ({prof['error']})")
   elif prof:

@@ -21,7 +21,9 @@ import collections
 import glob
 import gzip
 import json
+import math
 import os
+import re
 from typing import Any, Callable, Iterable
 
 import jax
@@ -31,7 +33,7 @@ import jax
 # Triton GEMM fusion is a matrix multiply, not a fusion; "loop_convert_fusion" is not a convolution).
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("fmha", "flash", "sdpa", "attention")),
-    ("convolution", ("convolution", "fprop", "dgrad", "wgrad", "implicit_gemm", "conv2d", "conv_")),
+    ("convolution", ("convolution", "cudnn$conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "conv2d", "conv_")),
     ("matmul", ("gemm", "nvjet", "cublas", "cutlass", "xmma", "dot", "matmul")),
     ("collective", ("nccl", "all-reduce", "all_reduce", "all-gather", "all_gather", "reduce-scatter",
                     "reduce_scatter", "collective", "all-to-all")),
@@ -175,6 +177,270 @@ def profile(fn: Callable[[], Any], steps: int, log_dir: str, seconds_per_step: f
   summary = summarize(load_events(path), steps, seconds_per_step)
   summary["trace"] = path
   return summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# A static account: the same kinds, from a compiled program's optimised HLO instead of a trace.
+
+_FREE_OPS = frozenset({"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all",
+                       "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain"})
+_ASYNC_DONE = ("-done", "-update")  # the second half of an async pair: its work is counted at the start
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$")
+_ARRAY = re.compile(r"\b(pred|token|[a-z]+\d+[a-z0-9]*)\[([0-9,]*)\]")
+
+
+def _dims(text: str) -> list[list[int]]:
+  return [[int(d) for d in dims.split(",") if d] for _, dims in _ARRAY.findall(text)]
+
+
+def _array_bytes(text: str) -> int:
+  total = 0
+  for dtype, dims in _ARRAY.findall(text):
+    bits = 8 if dtype == "pred" else (0 if dtype == "token" else int(re.search(r"\d+", dtype).group()))
+    total += (bits * math.prod(int(d) for d in dims.split(",") if d) + 7) // 8
+  return total
+
+
+def _balanced(text: str, start: int, open_: str, close: str) -> str:
+  """The text from ``text[start] == open_`` to its matching ``close`` (exclusive of both)."""
+  depth = 0
+  for i in range(start, len(text)):
+    if text[i] == open_:
+      depth += 1
+    elif text[i] == close:
+      depth -= 1
+      if depth == 0:
+        return text[start + 1:i]
+  return text[start + 1:]
+
+
+def _backend_config(attrs: str) -> dict:
+  i = attrs.find("backend_config=")
+  if i < 0 or attrs[i + len("backend_config=")] != "{":
+    return {}
+  try:
+    return json.loads("{" + _balanced(attrs, i + len("backend_config="), "{", "}") + "}")
+  except ValueError:
+    return {}
+
+
+def parse_hlo_module(text: str) -> tuple[dict[str, list[dict]], str]:
+  """The computations of an HLO module's text (``Compiled.as_text()``): name -> instructions (each a dict
+  of name, shape (its type text), op, operands (names), attrs (the text after the operands)), and the
+  entry computation's name."""
+  computations: dict[str, list[dict]] = {}
+  entry, current = "", None
+  for line in text.splitlines():
+    stripped = line.strip()
+    if stripped.endswith("{") and not line.startswith((" ", "\t")):
+      header = re.match(r"^(ENTRY\s+)?%?([\w.\-]+)", stripped)
+      if header and " = " not in stripped.split("(")[0]:
+        current = header.group(2)
+        computations[current] = []
+        entry = current if header.group(1) else entry
+        continue
+    if current is None or stripped == "}":
+      continue
+    m = _INSTRUCTION.match(line)
+    if not m:
+      continue
+    name, shape, op, rest = m.groups()
+    args = _balanced("(" + rest, 0, "(", ")")
+    computations[current].append({
+        "name": name, "shape": shape, "op": op, "operands": re.findall(r"%([\w.\-]+)", args),
+        "args": args, "attrs": rest[len(args) + 1:]})
+  return computations, entry
+
+
+def _called(attrs: str, key: str) -> list[str]:
+  m = re.search(key + r"=\{?(%[\w.\-]+(?:,\s*%[\w.\-]+)*)\}?", attrs)
+  return re.findall(r"%([\w.\-]+)", m.group(1)) if m else []
+
+
+def _dot_flops(inst: dict, shapes: dict[str, str]) -> float:
+  m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", inst["attrs"])
+  lhs = _dims(shapes.get(inst["operands"][0], "")) if inst["operands"] else []
+  out = _dims(inst["shape"])
+  if not (m and lhs and out):
+    return 0.0
+  contracted = math.prod(lhs[0][int(d)] for d in m.group(1).split(",") if d)
+  return 2.0 * math.prod(out[0]) * contracted
+
+
+def _conv_flops(inst: dict, shapes: dict[str, str], target: str = "") -> float:
+  """2 x (forward output elements) x (kernel elements per output feature), for XLA convolutions and
+  cuDNN's forward / backward-input / backward-filter calls."""
+  labels = re.search(r"dim_labels=\w+_(\w+)->\w+", inst["attrs"])
+  operands = [_dims(shapes.get(o, "")) for o in inst["operands"][:2]]
+  result = _dims(inst["shape"])
+  if not labels or len(operands) < 2 or not all(operands) or not result:
+    return 0.0
+  if "BackwardFilter" in target:
+    forward_out, kernel = operands[1][0], result[0]
+  elif "BackwardInput" in target:
+    forward_out, kernel = operands[0][0], operands[1][0]
+  else:
+    forward_out, kernel = result[0], operands[1][0]
+  per_output = math.prod(kernel) // max(kernel[labels.group(1).index("o")], 1)
+  return 2.0 * math.prod(forward_out) * per_output
+
+
+def _custom_call_flops(inst: dict, shapes: dict[str, str], target: str) -> float:
+  config = _backend_config(inst["attrs"])
+  if "fmha" in target:  # QK^T and PV: 2 x 2 x (B H Sq Sk) x head_dim; the backward does 5 such products
+    fmha = config.get("cudnn_fmha_backend_config", {})
+    scores = [int(d) for d in fmha.get("intermediate_tensor_shape", {}).get("dimensions", [])]
+    q = _dims(shapes.get(inst["operands"][0], "")) if inst["operands"] else []
+    if not (scores and q):
+      return 0.0
+    return 4.0 * math.prod(scores) * q[0][-1] * (2.5 if "Backward" in target else 1.0)
+  if "conv" in target:
+    return _conv_flops(inst, shapes, target)
+  if "gemm" in target or "matmul" in target:  # cuBLAS: the result is the first element of the tuple
+    numbers = config.get("gemm_backend_config", {}).get("dot_dimension_numbers", {})
+    lhs = _dims(shapes.get(inst["operands"][0], "")) if inst["operands"] else []
+    out = _dims(inst["shape"])
+    if not (lhs and out):
+      return 0.0
+    contracted = math.prod(lhs[0][int(d)] for d in numbers.get("lhs_contracting_dimensions", []))
+    return 2.0 * math.prod(out[0]) * contracted
+  return 0.0
+
+
+def _computation_flops(computations, name: str, cache: dict) -> float:
+  """FLOPs of the dots and convolutions inside a fused computation (nested fusions included)."""
+  if name in cache:
+    return cache[name]
+  insts = computations.get(name, [])
+  shapes = {i["name"]: i["shape"] for i in insts}
+  flops = 0.0
+  for inst in insts:
+    if inst["op"] == "dot":
+      flops += _dot_flops(inst, shapes)
+    elif inst["op"] == "convolution":
+      flops += _conv_flops(inst, shapes)
+    elif inst["op"] == "custom-call":
+      target = re.search(r'custom_call_target="([^"]+)"', inst["attrs"])
+      flops += _custom_call_flops(inst, shapes, target.group(1) if target else "")
+    for called in _called(inst["attrs"], "calls"):
+      flops += _computation_flops(computations, called, cache)
+  cache[name] = flops
+  return flops
+
+
+def _operand_reads(computations, name: str, cache: dict) -> dict[int, int]:
+  """Bytes a fused computation reads of its operands that it only slices: parameter index -> the sum of
+  its slices' sizes (operands used otherwise are read whole)."""
+  if name in cache:
+    return cache[name]
+  insts = computations.get(name, [])
+  params = {i["name"]: int(i["args"]) for i in insts if i["op"] == "parameter" and i["args"].strip().isdigit()}
+  users: dict[str, list[dict]] = collections.defaultdict(list)
+  for inst in insts:
+    for operand in inst["operands"]:
+      if operand in params:
+        users[operand].append(inst)
+  reads = {params[p]: sum(_array_bytes(u["shape"]) for u in us) for p, us in users.items()
+           if all(u["op"] in ("slice", "dynamic-slice") and u["operands"][0] == p for u in us)}
+  cache[name] = reads
+  return reads
+
+
+def _trip_count(inst: dict) -> int | None:
+  n = _backend_config(inst["attrs"]).get("known_trip_count", {}).get("n")
+  return int(n) if n is not None else None
+
+
+def hlo_account(text: str, peak_flops: float, bandwidth: float, top: int = 10) -> dict:
+  """Where a compiled program's time would go if each kernel ran at its roofline, from its optimised HLO.
+
+  Each instruction of the entry computation (and of the bodies of its loops, times their known trip
+  counts) that does work is one kernel: a fusion, a library call (cuBLAS, cuDNN), a copy, a collective.
+  Its FLOPs are those of the dots, convolutions and fused attention inside it; its bytes are its result
+  plus its operands (each read once; of an operand a fusion only slices, the slices); its time is
+  max(FLOPs / ``peak_flops``, bytes / ``bandwidth``). The sum over kernels is a lower bound of a step on
+  one stream (caches aside: an operand re-read from L2 is charged again; collectives are charged their
+  bytes at memory bandwidth, not the interconnect's). Kinds are :func:`kind_of`'s,
+  with any kernel that does FLOPs counted as its matmul / attention / convolution work.
+  """
+  computations, entry = parse_hlo_module(text)
+  flops_cache: dict[str, float] = {}
+  reads_cache: dict[str, dict[int, int]] = {}
+  kinds: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0, 0.0, 0.0])
+  kernels: list[dict] = []
+  unknown_loops = 0
+
+  def visit(name: str, times: float):
+    nonlocal unknown_loops
+    insts = computations.get(name, [])
+    shapes = {i["name"]: i["shape"] for i in insts}
+    for inst in insts:
+      op = inst["op"]
+      if op in _FREE_OPS or op.endswith(_ASYNC_DONE):
+        continue
+      if op == "while":
+        trips = _trip_count(inst)
+        unknown_loops += trips is None
+        for body in _called(inst["attrs"], "body"):
+          visit(body, times * (trips or 1))
+        continue
+      if op in ("call", "conditional", "async-start"):  # a conditional: as if its first branch ran
+        for called in _called(inst["attrs"], "to_apply") + _called(inst["attrs"], "calls") + \
+            _called(inst["attrs"], "branch_computations")[:1]:
+          visit(called, times)
+        continue
+      target = re.search(r'custom_call_target="([^"]+)"', inst["attrs"])
+      target = target.group(1) if target else ""
+      reads: dict[int, int] = {}
+      if op == "fusion":
+        called = _called(inst["attrs"], "calls")
+        flops = sum(_computation_flops(computations, c, flops_cache) for c in called)
+        called_text = " ".join(i["op"] + " " + i["attrs"] for c in called for i in computations.get(c, []))
+        reads = _operand_reads(computations, called[0], reads_cache) if called else {}
+      else:
+        flops = (_dot_flops(inst, shapes) if op == "dot" else _conv_flops(inst, shapes) if op == "convolution"
+                 else _custom_call_flops(inst, shapes, target) if op == "custom-call" else 0.0)
+        called_text = ""
+      first = {o: i for i, o in reversed(list(enumerate(inst["operands"])))}  # each operand read once
+      nbytes = _array_bytes(inst["shape"]) + sum(reads.get(i, _array_bytes(shapes.get(o, "")))
+                                                 for o, i in first.items())
+      kind = kind_of(f"{target} {op}", "")
+      if flops and kind not in ("matmul", "attention", "convolution"):
+        kind = next((k for k in ("attention", "convolution") if kind_of(called_text) == k), "matmul")
+      seconds = max(flops / peak_flops, nbytes / bandwidth)
+      row = kinds[kind]
+      row[0] += times
+      row[1] += flops * times
+      row[2] += nbytes * times
+      row[3] += seconds * times
+      metadata = re.search(r'op_name="([^"]+)"', inst["attrs"])
+      kernels.append({"name": inst["name"], "kind": kind, "op_name": metadata.group(1) if metadata else "",
+                      "count": times, "flops": flops * times, "bytes": nbytes * times, "ms": 1e3 * seconds * times})
+
+  visit(entry, 1.0)
+  total_ms = sum(k["ms"] for k in kernels)
+  return {
+      "kernels": sum(k["count"] for k in kernels), "flops": sum(k["flops"] for k in kernels),
+      "bytes": sum(k["bytes"] for k in kernels), "roofline_ms": total_ms,
+      "peak_flops": peak_flops, "bandwidth": bandwidth, "loops_without_trip_count": unknown_loops,
+      "kinds": {k: {"kernels": v[0], "flops": v[1], "bytes": v[2], "ms": 1e3 * v[3]}
+                for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][3])},
+      "top": sorted(kernels, key=lambda k: -k["ms"])[:top],
+  }
+
+
+def describe_account(account: dict, unit: str = "step") -> str:
+  """A few lines: the roofline time per ``unit`` (one run of the program), then per kind its kernels,
+  TFLOPs, GB moved and milliseconds."""
+  lines = [f"roofline: {account['roofline_ms']:.1f} ms per {unit} at {account['peak_flops'] / 1e12:.0f} TFLOP/s "
+           f"and {account['bandwidth'] / 1e12:.2f} TB/s ({account['kernels']:.0f} kernels, "
+           f"{account['flops'] / 1e12:.2f} TFLOP, {account['bytes'] / 1e9:.1f} GB moved)"]
+  for kind, v in account["kinds"].items():
+    lines.append(f"  {kind:<11} {v['kernels']:6.0f} kernels {v['flops'] / 1e12:9.3f} TFLOP "
+                 f"{v['bytes'] / 1e9:8.2f} GB {v['ms']:9.2f} ms")
+  if account["loops_without_trip_count"]:
+    lines.append(f"  ({account['loops_without_trip_count']} loop(s) without a known trip count: counted once)")
+  return "\n".join(lines)
 
 
 def main(argv=None) -> int:

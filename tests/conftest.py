@@ -3,8 +3,12 @@ end-to-end tests build (each trainer run, each subprocess) compile once per mach
 
 import os
 
-import jax
-import pytest
+# The suite runs on CPUs. With JAX's CUDA plugin installed (the gpu-aot extra, for compiling for GPUs in
+# tests/test_gpu_target.py) this keeps every process, subprocesses included, from looking for a driver.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # pylint: disable=wrong-import-position
+import pytest  # pylint: disable=wrong-import-position
 
 CACHE_DIR = os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",

@@ -106,3 +106,83 @@ def test_benchmark_profiles_a_cpu_run(tmp_path):
   prof = result["profile"]
   assert prof["kernels"] == 0 and os.path.isfile(prof["trace"]) and prof["trace"].startswith(str(tmp_path))
   assert "profile: no accelerator kernels in the trace" in benchmark.report(result, None)
+
+
+# --- The static account (profiling.hlo_account) on hand-written optimised HLO, figures worked out by hand.
+
+HLO = """HloModule jit_step, entry_computation_layout={(bf16[256,512]{1,0})->bf16[256,128]{1,0}}
+
+%gemm_computation (p0: bf16[256,512], p1: bf16[512,128]) -> bf16[256,128] {
+  %p0 = bf16[256,512]{1,0} parameter(0)
+  %p1 = bf16[512,128]{1,0} parameter(1)
+  ROOT %dot.1 = bf16[256,128]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%body (state: (s32[], f32[256,128])) -> (s32[], f32[256,128]) {
+  %state = (s32[], f32[256,128]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%state), index=0
+  %acc = f32[256,128]{1,0} get-tuple-element(%state), index=1
+  %add.9 = f32[256,128]{1,0} fusion(%acc, %acc), kind=kLoop, calls=%add_computation, metadata={op_name="jit(step)/while/body/add"}
+  ROOT %t = (s32[], f32[256,128]{1,0}) tuple(%i, %add.9)
+}
+
+%add_computation (a: f32[256,128], b: f32[256,128]) -> f32[256,128] {
+  %a = f32[256,128]{1,0} parameter(0)
+  %b = f32[256,128]{1,0} parameter(1)
+  ROOT %sum = f32[256,128]{1,0} add(%a, %b)
+}
+
+%slice_computation (p: f32[256,128]) -> f32[16,128] {
+  %p = f32[256,128]{1,0} parameter(0)
+  ROOT %rows = f32[16,128]{1,0} slice(%p), slice={[0:16], [0:128]}
+}
+
+ENTRY %main.7 (x: bf16[256,512], w: bf16[512,128], q: bf16[2,64,4,32], s: (s32[], f32[256,128]), big: f32[256,128]) -> bf16[256,128] {
+  %x = bf16[256,512]{1,0} parameter(0)
+  %w = bf16[512,128]{1,0} parameter(1)
+  %q = bf16[2,64,4,32]{3,2,1,0} parameter(2)
+  %s = (s32[], f32[256,128]{1,0}) parameter(3)
+  %big = f32[256,128]{1,0} parameter(4)
+  %slice_fusion = f32[16,128]{1,0} fusion(%big), kind=kLoop, calls=%slice_computation
+  %gemm_fusion_dot.1 = bf16[256,128]{1,0} fusion(%x, %w), kind=kCustom, calls=%gemm_computation, metadata={op_name="jit(step)/dot_general"}, backend_config={"fusion_backend_config":{"kind":"__triton_nested_gemm_fusion"}}
+  %fmha = (bf16[2,64,4,32]{3,2,1,0}, u8[0]{0}) custom-call(%q, %q, %q), custom_call_target="__cudnn$fmhaSoftmax", backend_config={"cudnn_fmha_backend_config": {"intermediate_tensor_shape": {"element_type": "BF16", "dimensions": ["2", "4", "64", "64"]}}}
+  %fmha_bwd = (bf16[2,64,4,32]{3,2,1,0}, u8[0]{0}) custom-call(%q, %q, %q), custom_call_target="__cudnn$fmhaSoftmaxBackward", backend_config={"cudnn_fmha_backend_config": {"intermediate_tensor_shape": {"element_type": "BF16", "dimensions": ["2", "4", "64", "64"]}}}
+  %conv = (bf16[2,8,8,16]{3,2,1,0}, u8[0]{0}) custom-call(%q, %w), window={size=2x2 stride=2x2}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward"
+  %loop = (s32[], f32[256,128]{1,0}) while(%s), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %copy.2 = bf16[128,256]{0,1} copy(%gemm_fusion_dot.1)
+  ROOT %b = bf16[256,128]{1,0} bitcast(%gemm_fusion_dot.1)
+}
+"""
+
+
+def test_hlo_account_counts_flops_bytes_and_loops_by_hand():
+  a = profiling.hlo_account(HLO, peak_flops=1e12, bandwidth=1e9)
+  kinds = a["kinds"]
+  # GEMM: 2 * 256 * 128 * 512 FLOPs; bytes: result 256*128*2 + operands 256*512*2 + 512*128*2.
+  assert kinds["matmul"]["flops"] == 2 * 256 * 128 * 512
+  assert kinds["matmul"]["bytes"] == 65536 + 262144 + 131072
+  assert kinds["matmul"]["ms"] == pytest.approx(1e3 * max(2 * 256 * 128 * 512 / 1e12, 458752 / 1e9))
+  # cuDNN attention: 4 * (B H Sq Sk) * head_dim forward, 2.5 times that backward; q read once per call.
+  forward = 4 * (2 * 4 * 64 * 64) * 32
+  assert kinds["attention"]["flops"] == forward * 3.5 and kinds["attention"]["kernels"] == 2
+  assert kinds["attention"]["bytes"] == 2 * (32768 + 32768)  # per call: the result tuple (q-sized, u8[0]) and q
+  # cuDNN convolution: 2 * forward output (2*8*8*16) * kernel elements per output feature (w as o01i).
+  assert kinds["convolution"]["flops"] == 2 * (2 * 8 * 8 * 16) * (512 * 128 // 512)
+  # The loop body's fusion, three times: result + one distinct operand (read once), f32[256,128]; and a
+  # fusion that reads only a 16-row slice of its operand: charged the slice, not the whole operand.
+  assert kinds["fusion"]["kernels"] == 3 + 1 and kinds["fusion"]["bytes"] == 3 * 2 * 131072 + 2 * 8192
+  assert kinds["copy"]["kernels"] == 1 and kinds["copy"]["bytes"] == 2 * 65536
+  assert a["kernels"] == 1 + 2 + 1 + 3 + 1 + 1 and a["loops_without_trip_count"] == 0
+  assert a["roofline_ms"] == pytest.approx(sum(v["ms"] for v in kinds.values()))
+  assert a["top"][0]["kind"] == "fusion" and a["top"][0]["op_name"] == "jit(step)/while/body/add"
+  text = profiling.describe_account(a)
+  assert text.startswith(f"roofline: {a['roofline_ms']:.1f} ms per step at 1 TFLOP/s and 0.00 TB/s (9 kernels")
+
+
+def test_hlo_account_of_a_cpu_compile_matches_the_closed_form():
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  compiled = jax.jit(lambda x, w: jnp.tanh(x @ w)).lower(jnp.ones((64, 32)), jnp.ones((32, 16))).compile()
+  a = profiling.hlo_account(compiled.as_text(), 1e12, 1e11)
+  assert a["flops"] == 2 * 64 * 32 * 16
+  assert a["kinds"]["matmul"]["bytes"] == 4 * (64 * 16 + 64 * 32 + 32 * 16)

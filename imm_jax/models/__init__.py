@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imm_jax.models.dit import DIT_PRESETS, DiT, check_attention_impl
+from imm_jax.models.dit import DIT_PRESETS, DiT, check_attention_impl, target_platform
 from imm_jax.models.mlp import MLP
 from imm_jax.models.unet import SongUNet
 
@@ -26,7 +26,7 @@ NETWORKS = ("dit", "unet", "mlp")
 EXECUTION_OPTIONS = ("dtype", "remat", "attention_impl")
 
 __all__ = ["DIT_PRESETS", "DiT", "EXECUTION_OPTIONS", "MLP", "NETWORKS", "SongUNet", "count_params",
-           "create_network"]
+           "create_network", "target_platform"]
 
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,

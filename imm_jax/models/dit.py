@@ -11,6 +11,8 @@ for reference state dicts whose pos_embed is not that table).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import flax.linen as nn
@@ -89,6 +91,20 @@ class LabelEmbedder(nn.Module):
     return jnp.take(table, labels, axis=0)
 
 
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+  """Networks built and traced inside are checked for ``platform`` ('gpu', 'tpu', 'cpu') instead of JAX's
+  default backend: for compiling ahead of time for another platform (``imm_jax.aot --target``)."""
+  token = _TARGET_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
+
+
 def check_attention_impl(impl: str | None, dtype) -> None:
   """Fails at trace time, in one line, where cuDNN attention cannot run: jax's own errors come from
   deep inside the lowering ("cuDNN is not detected", "Q must be fp16/bf16")."""
@@ -96,9 +112,10 @@ def check_attention_impl(impl: str | None, dtype) -> None:
     raise ValueError(f"unknown config.model.attention_impl {impl!r}: choose one of {ATTENTION_IMPLS}")
   if impl != "cudnn":
     return
-  if jax.default_backend() != "gpu":
+  platform = _TARGET_PLATFORM.get() or jax.default_backend()
+  if platform != "gpu":
     raise ValueError(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, but JAX runs on "
-                     f"{jax.default_backend()}: leave it unset (None) or use 'xla'")
+                     f"{platform}: leave it unset (None) or use 'xla'")
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     raise ValueError(f"config.model.attention_impl='cudnn' needs bf16/fp16 compute, got "
                      f"{jnp.dtype(dtype).name}: set config.model.dtype=bfloat16")
