@@ -148,6 +148,7 @@ def test_gpu_benchmark_commands_parse_as_issue_8_asks(tmp_path):
   xl2, b2 = [2, 1152, 28], [2, 768, 12]  # DiT-XL/2 and B/2 (patch, width, depth)
   assert [p[2] for p in parsed] == [xl2, b2, [None, None, None], xl2, xl2]
   assert [p[6] for p in parsed[:3]] == [128, 256, 256]                      # issue 8's training batches
+  assert [p[5] for p in parsed[:2]] == ["none", "none"]  # no remat: the XL/2 step fits an H100 without it
   assert [p[7:10] for p in parsed[3:]] == [[1, 1.5, 256], [8, 1.5, 256]]   # 1 and 8 steps, guided, batch 256
   assert [p[10] for p in parsed] == [latent, latent, cifar, latent, latent]
   assert all(p[11] for p in parsed)  # each run is profiled
