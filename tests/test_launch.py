@@ -134,7 +134,16 @@ def test_gpu_benchmark_commands_parse_as_issue_8_asks(tmp_path):
   dry = _run(GPU_BENCH, str(tmp_path / "out"), DRY_RUN="1", PYTHON="python3")
   assert dry.returncode == 0 and not (tmp_path / "out").exists(), dry.stderr
   commands = _commands(dry.stdout)
-  assert len(commands) == 5 and all(c[:3] == ["python3", "-m", "imm_jax.benchmark"] for c in commands)
+  # The issue's five workloads, then the four DiT ones again with cuBLAS GEMMs (Triton's off).
+  envs = [c[:1] if c[0].startswith("XLA_FLAGS=") else [] for c in commands]
+  assert envs == [[]] * 5 + [["XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"]] * 4
+  commands = [c[len(e):] for c, e in zip(commands, envs)]
+  assert [c[:-1] for c in commands[5:]] == [commands[i][:-1] for i in (3, 4, 0, 1)]
+  assert [c[-1].rsplit("/", 1)[1] for c in commands[5:]] == [  # each run profiles into its own folder
+      "profile_xl2_sample_1step_cfg_cublas", "profile_xl2_sample_8step_cfg_cublas", "profile_xl2_train_cublas",
+      "profile_b2_train_cublas"]
+  commands = commands[:5]
+  assert all(c[:3] == ["python3", "-m", "imm_jax.benchmark"] for c in commands)
   parsed = []
   for c in commands:
     r = subprocess.run([sys.executable, "-c", _PARSE, *c[3:]], capture_output=True, text=True, cwd=REPO,
@@ -166,7 +175,8 @@ case "$*" in
   *"--what sample"*) printf '{\n "images_per_second": 1234.5,\n "peak_memory_bytes": 2147483648\n}\n';;
   *) printf '{\n "examples_per_second": 567.26,\n "peak_memory_bytes": 1073741824\n}\n'
      echo "model FLOPs utilisation (analytic): 61.5% of 775 TFLOP/s per device"
-     echo "profile: device busy 93% of the step; matmul 70%, attention 12% of the kernel time";;
+     echo "profile: device busy 93% of the step; matmul 70%, attention 12% of the kernel time"
+     echo "XLA_FLAGS=$XLA_FLAGS";;
 esac
 """)
   fake.chmod(0o755)
@@ -174,7 +184,11 @@ esac
   r = _run(GPU_BENCH, str(out), PYTHON=str(fake))
   assert r.returncode == 0, r.stderr
   summary = (out / "summary.txt").read_text()
-  assert summary.count("== ") == 5
+  assert summary.count("== ") == 9
+  assert "== xl2_train_cublas: XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python -m imm_jax.benchmark" in summary
+  assert (out / "xl2_train_cublas.txt").read_text().splitlines()[-1] == \
+      "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"  # the run's environment
+  assert (out / "xl2_train.txt").read_text().splitlines()[-1] == "XLA_FLAGS="
   assert "567.3 per second, MFU 61.5%, peak 1.0 GiB" in summary
   assert "1234.5 per second, MFU n/a, peak 2.0 GiB" in summary
   assert "2100.0 per second, MFU 40.2% (XLA count), peak n/a" in summary  # DDPM++: no analytic count
