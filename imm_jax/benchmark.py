@@ -99,7 +99,6 @@ def benchmark_train(config, repeats: int = 10, warmup: int = 2, profile_dir: str
   run = TrainLoop(config)
   step = run.step
   seconds = _median_seconds(run, repeats, warmup)
-  target = gpu_target.for_device(step.mesh.devices.flat[0])
   per_example = dit_forward_flops(step.model.net, step.model.input_shape)
   devices = step.mesh.devices.size
   result = {"what": "train", "batch_size": step.batch_size, "seconds_per_step": seconds,
@@ -108,9 +107,12 @@ def benchmark_train(config, repeats: int = 10, warmup: int = 2, profile_dir: str
             "analytic_tflop_per_step": None if per_example is None
             else per_example * IMM_PASSES_PER_STEP * step.batch_size / 1e12,
             "compile_seconds": step.compile_seconds, "peak_memory_bytes": peak_memory_bytes()}
-  if target is not None:  # the compiled (autotuned) step's kernels at this GPU's roofline: the measured
+  # On a known GPU: the compiled (autotuned) step's kernels at its roofline; the timed step against that
+  # is how close the kernels come to the ceilings.
+  target = gpu_target.for_device(step.mesh.devices.flat[0])
+  if target is not None:
     account = profiling.hlo_account(step.compiled.as_text(), target.peak_flops, target.bandwidth)
-    result["roofline_ms"] = account["roofline_ms"]  # step against that is the kernels' efficiency
+    result["roofline_ms"] = account["roofline_ms"]
     result["roofline_ms_by_kind"] = {k: v["ms"] for k, v in account["kinds"].items()}
   return _profile(result, run, seconds, profile_dir, profile_steps)
 
