@@ -12,7 +12,8 @@ which :func:`imm_jax.profiling.hlo_account` estimates where a step's time goes. 
 cannot autotune, so its GEMM choices (Triton vs cuBLAS, tile sizes) are defaults, not the tuned ones.
 
 The CUDA plugin, once installed, checks the driver whenever JAX starts its backends; on a machine without
-a GPU that check fails loudly unless ``JAX_PLATFORMS=cpu`` is set (``imm_jax.aot --target`` sets it).
+a GPU that check fails loudly unless ``JAX_PLATFORMS=cpu`` is set, which importing ``imm_jax`` does there
+(``imm_jax/__init__.py``), as does ``imm_jax.aot --target`` on any machine.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ attention included, with FLOPs checked against the analytic DiT count and the CP
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -114,3 +115,23 @@ def test_cli_compiles_for_two_h200s_without_a_gpu():
   assert "examples/s (an upper bound" in out
   r = subprocess.run(cmd + ["--steps", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --steps=1 runs steps")
+
+
+@needs_plugin
+def test_importing_imm_jax_keeps_the_plugin_quiet_where_there_is_no_driver():
+  """With the CUDA plugin installed and no driver (this machine), JAX would print the plugin's failed
+  driver check as a traceback in every command before falling back to the CPU; imm_jax picks the CPU
+  first. A JAX_PLATFORMS given by the user stays as it is."""
+  try:
+    ctypes.CDLL("libcuda.so.1")
+    pytest.skip("a CUDA driver is installed here")
+  except OSError:
+    pass
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  code = "import jax, imm_jax, os; print(jax.devices()[0].platform, os.environ['JAX_PLATFORMS'])"
+  r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0 and r.stdout.split() == ["cpu", "cpu"], r.stderr[-2000:]
+  assert "Traceback" not in r.stderr and "plugin configuration error" not in r.stderr
+  r = subprocess.run([sys.executable, "-c", "import imm_jax, os; print(os.environ['JAX_PLATFORMS'])"], cwd=REPO,
+                     env=dict(env, JAX_PLATFORMS="tpu,cpu"), capture_output=True, text=True, timeout=120)
+  assert r.stdout.split() == ["tpu,cpu"]
