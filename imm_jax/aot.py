@@ -42,7 +42,7 @@ from imm_jax import data as data_lib
 from imm_jax import gpu_target, parallel, profiling, sampling
 from imm_jax.builder import Model, build_model
 from imm_jax.io_utils import fail, input_errors, stop_on_input_errors
-from imm_jax.models import target_platform
+from imm_jax.models import count_params, target_platform
 from imm_jax.objectives import make_objective
 from imm_jax.trainer import make_optimizer, make_update_fn, train_state_layout
 
@@ -175,11 +175,10 @@ def _compile_update_fn(config, devices, platform: str, input_shape, num_classes)
   seconds = time.perf_counter() - start
   flops = flop_count(compiled)
   flops = profiling.hlo_account(compiled.as_text(), 1.0, 1.0)["flops"] if flops is None else flops * accum
-  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(abstract_state.params))
   return CompiledStep(
       compiled=compiled, model=model, mesh=mesh, batch_size=batch_size, state_shardings=state_sh,
       batch_sharding=batch_sh, abstract_state=abstract_state, abstract_batch=abstract_batch,
-      init=init, num_params=num_params, compile_seconds=seconds,
+      init=init, num_params=count_params(abstract_state.params), compile_seconds=seconds,
       memory=memory_stats(compiled), flops=flops, platform=platform)
 
 
@@ -187,7 +186,7 @@ def sample_fn(model: Model, config, steps: int, cfg_scale: float) -> Callable:
   """``(params, noise, labels) -> samples``: the ``steps``-step pushforward sampler on the uniform schedule
   (``config.imm`` eps and T), guided at ``cfg_scale`` for class-conditional models (one batched pass over
   conditional and null rows); what ``imm_jax.benchmark --what sample`` times."""
-  guided = model.null_label is not None and cfg_scale != 1.0
+  guided = model.guided(cfg_scale)
   times = sampling.make_schedule("uniform", steps, model.precond.interpolant, float(config.imm.eps),
                                  float(config.imm.T))
 
@@ -240,15 +239,13 @@ def compile_sampler(config, steps: int, cfg_scale: float, batch_size: int, *, de
     start = time.perf_counter()
     compiled = jax.jit(sample_fn(model, config, steps, cfg_scale)).lower(params, noise, labels).compile()
     seconds = time.perf_counter() - start
-    guided = model.null_label is not None and cfg_scale != 1.0
     if platform == jax.default_backend():
-      flops = forward_flops(model, batch_size // len(devices) * (2 if guided else 1))
+      flops = forward_flops(model, batch_size // len(devices) * (2 if model.guided(cfg_scale) else 1))
       flops = None if flops is None else flops * steps
     else:  # compile-only devices: this backend cannot lower the network as they run it
       flops = profiling.hlo_account(compiled.as_text(), 1.0, 1.0)["flops"]
-  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   return CompiledSampler(compiled=compiled, model=model, mesh=mesh, batch_size=batch_size, steps=steps,
-                         cfg_scale=cfg_scale, num_params=num_params, compile_seconds=seconds,
+                         cfg_scale=cfg_scale, num_params=count_params(params), compile_seconds=seconds,
                          memory=memory_stats(compiled), flops=flops, platform=platform)
 
 
@@ -283,7 +280,7 @@ def describe(program: CompiledStep | CompiledSampler, config, target: gpu_target
   per_device = program.batch_size // devices
   if isinstance(program, CompiledSampler):
     unit, examples = "batch", "images"
-    guided = program.model.null_label is not None and program.cfg_scale != 1.0
+    guided = program.model.guided(program.cfg_scale)
     lines.append(f"sampler: {program.steps} step(s)" + (f", guidance {program.cfg_scale} (conditional and null rows"
                                                         f" in one pass)" if guided else "")
                  + f", batch {program.batch_size} ({per_device} per device) on {devices} {where} devices; "

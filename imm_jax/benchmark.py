@@ -139,7 +139,7 @@ def benchmark_sample(config, steps: int, cfg_scale: float, batch_size: int, repe
   model, run = make_sampler(config, steps, cfg_scale, batch_size)
   seconds = _median_seconds(run, repeats, warmup)
   per_example = dit_forward_flops(model.net, model.input_shape)
-  guided = model.null_label is not None and cfg_scale != 1.0
+  guided = model.guided(cfg_scale)
   passes = steps * (2 if guided else 1)
   # XLA's count of one network evaluation (guided: one batched pass over [conditional; null] rows).
   per_call = aot.forward_flops(model, batch_size * (2 if guided else 1))

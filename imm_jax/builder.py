@@ -26,6 +26,10 @@ class Model:
     """The label id meaning "no class" (classifier-free guidance), None for unconditional models."""
     return self.num_classes if self.num_classes > 0 else None
 
+  def guided(self, cfg_scale: float) -> bool:
+    """Whether sampling at ``cfg_scale`` runs the guidance pass (a class-conditional model, scale != 1)."""
+    return self.null_label is not None and cfg_scale != 1.0
+
   def init_params(self, rng, batch_size: int = 1):
     x = jnp.zeros((batch_size,) + self.input_shape, jnp.float32)
     c = jnp.zeros((batch_size,), jnp.float32)

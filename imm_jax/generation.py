@@ -150,7 +150,7 @@ class Generator:
     """float32 model-space samples from ``noise``, ``batch_size`` (default: all) at a time, each batch
     padded to a multiple of the local device count and split over the devices."""
     times = self.times(setting)
-    guided = self.model.null_label is not None and setting.cfg_scale != 1.0
+    guided = self.model.guided(setting.cfg_scale)
     n = noise.shape[0]
     ndev = len(self.devices)
     batch_size = n if batch_size is None else batch_size

@@ -270,7 +270,7 @@ def generate_samples(model: Model, params, noise, labels, steps: int, config, *,
   eps, T = time_range(config)
   times = sampling.make_schedule(cfg.schedule, steps, model.precond.interpolant, eps, T, mid_etas=mid_etas)
   scale = float(cfg.get("cfg_scale", 1.0))
-  guided = model.null_label is not None and scale != 1.0
+  guided = model.guided(scale)
   sampler = cfg.get("sampler", "pushforward")
   if sampler == "ancestral" and rng is None:
     rng = jax.random.key(int(config.seed) + steps)
