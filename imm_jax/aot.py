@@ -87,7 +87,6 @@ class CompiledStep:
   compile_seconds: float
   memory: dict[str, int] | None  # bytes per device (None where the backend does not report them)
   flops: float | None            # per device per step (a multiply-add is 2 FLOPs); see compile_update_fn
-  platform: str = "cpu"          # what it was compiled for: the mesh devices' platform
 
   def random_batch(self, seed: int = 0) -> dict[str, jax.Array]:
     """A global batch of the right shape: N(0, 0.5^2) examples, uniform labels (for smoke tests)."""
@@ -139,10 +138,10 @@ def compile_update_fn(config, *, devices=None, input_shape: tuple[int, ...] | No
   """
   platform = (list(devices) if devices is not None else jax.devices())[0].platform
   with target_platform(platform):  # the networks' platform checks are for the devices compiled for
-    return _compile_update_fn(ml_collections.ConfigDict(config), devices, platform, input_shape, num_classes)
+    return _compile_update_fn(ml_collections.ConfigDict(config), devices, input_shape, num_classes)
 
 
-def _compile_update_fn(config, devices, platform: str, input_shape, num_classes) -> CompiledStep:
+def _compile_update_fn(config, devices, input_shape, num_classes) -> CompiledStep:
   with input_errors():  # bad config: one line from the command-line tools
     info = config_data_info(config, input_shape, num_classes)
     model = build_model(config, info)
@@ -179,7 +178,7 @@ def _compile_update_fn(config, devices, platform: str, input_shape, num_classes)
       compiled=compiled, model=model, mesh=mesh, batch_size=batch_size, state_shardings=state_sh,
       batch_sharding=batch_sh, abstract_state=abstract_state, abstract_batch=abstract_batch,
       init=init, num_params=count_params(abstract_state.params), compile_seconds=seconds,
-      memory=memory_stats(compiled), flops=flops, platform=platform)
+      memory=memory_stats(compiled), flops=flops)
 
 
 def sample_fn(model: Model, config, steps: int, cfg_scale: float) -> Callable:
@@ -211,7 +210,6 @@ class CompiledSampler:
   compile_seconds: float
   memory: dict[str, int] | None
   flops: float | None            # per device per batch
-  platform: str = "cpu"
 
 
 def compile_sampler(config, steps: int, cfg_scale: float, batch_size: int, *, devices=None,
@@ -246,7 +244,7 @@ def compile_sampler(config, steps: int, cfg_scale: float, batch_size: int, *, de
       flops = profiling.hlo_account(compiled.as_text(), 1.0, 1.0)["flops"]
   return CompiledSampler(compiled=compiled, model=model, mesh=mesh, batch_size=batch_size, steps=steps,
                          cfg_scale=cfg_scale, num_params=count_params(params), compile_seconds=seconds,
-                         memory=memory_stats(compiled), flops=flops, platform=platform)
+                         memory=memory_stats(compiled), flops=flops)
 
 
 def forward_flops(model: Model, batch_size: int = 1) -> float | None:
