@@ -84,6 +84,46 @@ def test_guided_sampler_for_h100s_matches_the_analytic_flops():
   assert account["loops_without_trip_count"] == 0
 
 
+def _producer(insts: dict, name: str) -> dict:
+  """The instruction that computes ``name``, looking through bitcasts and tuple elements."""
+  inst = insts[name]
+  while inst["op"] in ("bitcast", "get-tuple-element"):
+    inst = insts[inst["operands"][0]]
+  return inst
+
+
+@needs_plugin
+def test_a_dit_block_for_an_h100_takes_q_k_v_and_the_gelu_from_its_gemms():
+  """One DiT-XL/2 block (width 1152, 16 heads, 256 tokens, batch 128), forward and backward, compiled for
+  an H100 with cuBLAS GEMMs (xla_gpu_enable_triton_gemm off, the ``*_cublas`` runs of
+  launch/gpu_benchmarks.sh): the fc1 GEMM writes bias + GELU and the pre-activation in one kernel
+  (cuBLAS-lt's BIAS_GELU_AUX epilogue; layers.gelu_tanh's backward keeps only the GEMM's output), and
+  cuDNN's attention reads q, k and v where the qkv GEMMs wrote them (dit.QKV: no copies slicing them out
+  of one output; at this size: XLA merges GEMMs on one input back into one when they are small).
+  jax.nn.gelu and one qkv GEMM compile to neither."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from imm_jax.models import dit  # pylint: disable=import-outside-toplevel
+
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(H100[:1], ("x",)), jax.sharding.PartitionSpec())
+  spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)  # noqa: E731
+  block = dit.DiTBlock(1152, 16, dtype=jnp.bfloat16, attention_impl="cudnn")
+  x, c = spec((128, 256, 1152)), spec((128, 1152))
+  with dit.target_platform("gpu"):
+    params = jax.tree.map(lambda a: spec(a.shape), jax.eval_shape(block.init, jax.random.key(0), x, c))
+    grad = jax.grad(lambda p, x, c: jnp.sum(block.apply(p, x, c) ** 2), argnums=(0, 1))
+    text = jax.jit(grad).lower(params, x, c).compile({"xla_gpu_enable_triton_gemm": False}).as_text()
+  computations, entry = profiling.parse_hlo_module(text)
+  insts = {i["name"]: i for i in computations[entry]}
+  gemms = [i for i in insts.values() if i["op"] == "custom-call" and "__cublas$" in i["attrs"]]
+  fc1 = [i for i in gemms if "mlp/fc1/dot_general" in i["attrs"] and "transpose(" not in i["attrs"]]
+  assert len(fc1) == 1 and '"epilogue":"BIAS_GELU_AUX"' in fc1[0]["attrs"]
+  fmha = [i for i in insts.values() if '"__cudnn$fmhaSoftmax"' in i["attrs"]]
+  assert len(fmha) == 1
+  assert all(_producer(insts, o) in gemms for o in fmha[0]["operands"][:3])
+
+
 @pytest.mark.slow
 @needs_plugin
 def test_train_step_for_an_h100_counts_what_the_cpu_compiler_counts():

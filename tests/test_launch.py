@@ -134,14 +134,17 @@ def test_gpu_benchmark_commands_parse_as_issue_8_asks(tmp_path):
   dry = _run(GPU_BENCH, str(tmp_path / "out"), DRY_RUN="1", PYTHON="python3")
   assert dry.returncode == 0 and not (tmp_path / "out").exists(), dry.stderr
   commands = _commands(dry.stdout)
-  # The issue's five workloads, then the four DiT ones again with cuBLAS GEMMs (Triton's off).
+  # The issue's five workloads (the DiT ones with cuBLAS GEMMs: Triton's off), then the four DiT ones
+  # again with XLA's default GEMMs.
   envs = [c[:1] if c[0].startswith("XLA_FLAGS=") else [] for c in commands]
-  assert envs == [[]] * 5 + [["XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"]] * 4
+  cublas = ["XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"]
+  assert envs == [cublas, cublas, [], cublas, cublas] + [[]] * 4
   commands = [c[len(e):] for c, e in zip(commands, envs)]
-  assert [c[:-1] for c in commands[5:]] == [commands[i][:-1] for i in (3, 4, 0, 1)]
-  assert [c[-1].rsplit("/", 1)[1] for c in commands[5:]] == [  # each run profiles into its own folder
-      "profile_xl2_sample_1step_cfg_cublas", "profile_xl2_sample_8step_cfg_cublas", "profile_xl2_train_cublas",
-      "profile_b2_train_cublas"]
+  assert [c[:-1] for c in commands[5:]] == [commands[i][:-1] for i in (0, 1, 3, 4)]
+  assert [c[-1].rsplit("/", 1)[1] for c in commands] == [  # each run profiles into its own folder
+      "profile_xl2_train_cublas", "profile_b2_train_cublas", "profile_ddpmpp_train",
+      "profile_xl2_sample_1step_cfg_cublas", "profile_xl2_sample_8step_cfg_cublas", "profile_xl2_train",
+      "profile_b2_train", "profile_xl2_sample_1step_cfg", "profile_xl2_sample_8step_cfg"]
   commands = commands[:5]
   assert all(c[:3] == ["python3", "-m", "imm_jax.benchmark"] for c in commands)
   parsed = []

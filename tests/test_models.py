@@ -18,7 +18,8 @@ import pytest
 from imm_jax.convert.reference import (load_reference_npz, network_from_reference, params_from_state_dict,
                                        reference_key, variables_from_state_dict)
 from imm_jax.models import DIT_PRESETS, MLP, DiT, SongUNet, count_params, create_network
-from imm_jax.models.layers import dit_timestep_frequencies, precise_cos_sin
+from imm_jax.models.dit import Attention
+from imm_jax.models.layers import dit_timestep_frequencies, gelu_tanh, precise_cos_sin
 
 VECTORS = pathlib.Path(__file__).parent / "testvectors"
 
@@ -266,15 +267,15 @@ def test_bf16_compute_close_to_fp32_unet():
 
 
 def _loss_and_grads(module, params, args, train):
-  """(sum of squared outputs, its gradients), and whether the traced program rematerialises (holds the
-  primitive nn.remat / jax.checkpoint put in the jaxpr, printed as ``remat2[`` or ``checkpoint[``)."""
+  """(sum of squared outputs, its gradients), and how many rematerialised calls the traced program holds
+  (the primitive nn.remat / jax.checkpoint put in the jaxpr, printed as ``remat2[`` or ``checkpoint[``)."""
 
   def loss(p):
     out = module.apply({"params": p}, *args, train=train, rngs={"dropout": jax.random.PRNGKey(3)})
     return jnp.sum(out * out)
 
-  rematerialises = re.search(r"\b(remat2?|checkpoint)\[", str(jax.make_jaxpr(loss)(params))) is not None
-  return jax.jit(jax.value_and_grad(loss))(params), rematerialises
+  rematerialised = len(re.findall(r"\b(remat2?|checkpoint)\[", str(jax.make_jaxpr(loss)(params))))
+  return jax.jit(jax.value_and_grad(loss))(params), rematerialised
 
 
 @pytest.mark.parametrize("network", ["dit", "unet"])
@@ -284,19 +285,21 @@ def test_remat_keeps_parameters_values_and_gradients(network):
     args = _inputs(8, (8, 8, 4), 10)
     params = _random_params(_abstract_params(module, (8, 8, 4), 10))
     options = ("block", "dots_with_no_batch_dims_saveable")
+    gelus = TINY_DIT["depth"]  # each MLP's GELU is rematerialised whatever the option (layers.gelu_tanh)
   else:  # dropout 0.5 in training mode: the rematerialised blocks must draw the same masks
     module, params, (x, c_t, c_s) = _tiny_unet()
     args = (x, c_t, c_s, None)
     options = ("block",)
-  (value, grads), rematerialises = _loss_and_grads(module, params, args, train=True)
-  assert not rematerialises
+    gelus = 0
+  (value, grads), rematerialised = _loss_and_grads(module, params, args, train=True)
+  assert rematerialised == gelus
   for remat in options:
     rematted = module.clone(remat=remat)
     # The same parameter tree (names, shapes), so checkpoints load with or without remat.
     assert jax.tree.structure(_abstract_params(rematted, args[0].shape[1:], 10 if network == "dit" else 0)) \
         == jax.tree.structure(params)
-    (value_r, grads_r), rematerialises = _loss_and_grads(rematted, params, args, train=True)
-    assert rematerialises, remat
+    (value_r, grads_r), rematerialised = _loss_and_grads(rematted, params, args, train=True)
+    assert rematerialised > gelus, remat
     assert abs(float(value_r) - float(value)) <= 1e-6 * abs(float(value))
     for g_r, g in zip(jax.tree.leaves(grads_r), jax.tree.leaves(grads)):
       assert _rel_err(g_r, g) < 1e-5
@@ -328,6 +331,44 @@ def test_dit_attention_implementations():
   else:
     with pytest.raises(ValueError, match=r"attention_impl='cudnn' needs bf16/fp16 compute"):
       module.clone(attention_impl="cudnn").apply(variables, *args)
+
+
+def test_gelu_tanh_values_and_derivatives_are_the_closed_form():
+  """DiT's GELU (rematerialised so that its backward keeps only the input) is torch's tanh form,
+  0.5 x (1 + tanh(a (x + b x^3))), a = sqrt(2 / pi), b = 0.044715, with derivative
+  0.5 (1 + t) + 0.5 x (1 - t^2) a (1 + 3 b x^2), by reverse and forward mode (the distillation teacher's
+  jax.jvp)."""
+  x = np.concatenate([np.linspace(-8, 8, 321), [-30.0, -1e-3, 0.0, 1e-3, 30.0]])
+  a, b = np.sqrt(2 / np.pi), 0.044715
+  t = np.tanh(a * (x + b * x**3))
+  value, slope = 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t**2) * a * (1 + 3 * b * x**2)
+  xs = jnp.asarray(x, jnp.float32)
+  np.testing.assert_allclose(jax.jit(gelu_tanh)(xs), value, rtol=2e-6, atol=2e-6)
+  grad = jax.jit(jax.grad(lambda v: jnp.sum(gelu_tanh(v) * 3.0)))(xs)
+  np.testing.assert_allclose(grad, 3.0 * slope, rtol=1e-5, atol=1e-5)
+  _, tangent = jax.jvp(gelu_tanh, (xs,), (jnp.full_like(xs, 2.0),))
+  np.testing.assert_allclose(tangent, 2.0 * slope, rtol=1e-5, atol=1e-5)
+  assert gelu_tanh(xs.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_attention_qkv_is_one_linear_layer_sliced_into_heads():
+  """The q, k, v products on the ``qkv`` kernel's column blocks equal timm's one Linear (C -> 3C) whose
+  output is laid out [3][heads][head_dim], followed by softmax(q k^T / sqrt(d)) v and ``proj``."""
+  b, n, c, heads = 2, 6, 16, 2
+  module = Attention(heads)
+  x = jax.random.normal(jax.random.PRNGKey(0), (b, n, c))
+  p = _random_params(jax.eval_shape(module.init, jax.random.PRNGKey(0), x)["params"], scale=0.5)
+  assert p["qkv"]["kernel"].shape == (c, 3 * c) and p["qkv"]["bias"].shape == (3 * c,)
+  xn, w, bias = (np.asarray(a, np.float64) for a in (x, p["qkv"]["kernel"], p["qkv"]["bias"]))
+  qkv = (xn @ w + bias).reshape(b, n, 3, heads, c // heads)
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  logits = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(c // heads)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  out = np.einsum("bhts,bshd->bthd", weights, v).reshape(b, n, c)
+  want = out @ np.asarray(p["proj"]["kernel"], np.float64) + np.asarray(p["proj"]["bias"], np.float64)
+  got = jax.jit(module.apply)({"params": p}, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_attention_forms_logits_and_softmax_in_float32():

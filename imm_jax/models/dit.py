@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imm_jax.models.layers import (dit_timestep_frequencies, layer_norm, normal, precise_cos_sin, remat_block,
-                                   xavier_uniform, xavier_uniform_flat)
+from imm_jax.models.layers import (dit_timestep_frequencies, gelu_tanh, layer_norm, normal, precise_cos_sin,
+                                   remat_block, xavier_uniform, xavier_uniform_flat)
 
 Dtype = Any
 
@@ -121,6 +121,26 @@ def check_attention_impl(impl: str | None, dtype) -> None:
                      f"{jnp.dtype(dtype).name}: set config.model.dtype=bfloat16")
 
 
+class QKV(nn.Module):
+  """timm's ``qkv`` Linear (``kernel`` (C, 3C), ``bias`` (3C), output layout [3][heads][head_dim]) as
+  three products on the kernel's column blocks, returning (q, k, v).
+
+  The parameters and values of one Dense whose output is sliced in three, without the slicing: fused
+  attention takes q, k and v as dense arrays, so on a GPU the slices are a copy of the whole output,
+  which the three GEMMs write directly (docs/benchmarks.md)."""
+
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.features
+    kernel = self.param("kernel", xavier_uniform(), (x.shape[-1], 3 * c), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (3 * c,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return tuple(x @ kernel[:, i * c:(i + 1) * c] + bias[i * c:(i + 1) * c] for i in range(3))
+
+
 class Attention(nn.Module):
   """timm Attention: ``qkv`` (bias) with output layout [3][heads][head_dim], softmax(q k^T / sqrt(d)) v,
   ``proj``."""
@@ -134,9 +154,7 @@ class Attention(nn.Module):
     check_attention_impl(self.attention_impl, self.dtype)
     b, n, c = x.shape
     hd = c // self.num_heads
-    qkv = nn.Dense(3 * c, kernel_init=xavier_uniform(), dtype=self.dtype, name="qkv")(x)
-    qkv = qkv.reshape(b, n, 3, self.num_heads, hd)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k, v = (y.reshape(b, n, self.num_heads, hd) for y in QKV(c, dtype=self.dtype, name="qkv")(x))
     a = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
     a = a.reshape(b, n, c)
     return nn.Dense(c, kernel_init=xavier_uniform(), dtype=self.dtype, name="proj")(a)
@@ -150,7 +168,7 @@ class Mlp(nn.Module):
   def __call__(self, x):
     c = x.shape[-1]
     h = nn.Dense(self.hidden_features, kernel_init=xavier_uniform(), dtype=self.dtype, name="fc1")(x)
-    h = nn.gelu(h, approximate=True)
+    h = gelu_tanh(h)
     return nn.Dense(c, kernel_init=xavier_uniform(), dtype=self.dtype, name="fc2")(h)
 
 

@@ -147,6 +147,26 @@ def remat_block(block_cls, remat: str, static_argnums: tuple[int, ...] = ()):
 
 
 # --------------------------------------------------------------------------------------------------
+# Activations.
+
+
+@jax.checkpoint
+def gelu_tanh(x):
+  """GELU with the tanh approximation (torch's ``approximate="tanh"``, DiT's MLP) whose backward pass
+  keeps only the input.
+
+  Values and derivatives are jax.nn.gelu's. Left to autodiff, the backward pass keeps intermediates of
+  the forward (the tanh term), so a training step writes and re-reads a second activation of the MLP's
+  width and, on GPU, cannot use the fc1 GEMM's GELU epilogue. Rematerialised (``jax.checkpoint``, whose
+  optimisation barrier stops XLA from merging the recomputation back into the forward pass), the
+  backward recomputes the elementwise GELU from the input, and compiled for an H100 with cuBLAS GEMMs
+  the fc1 GEMM writes its output and the GELU in one kernel (docs/benchmarks.md). Forward-mode (jax.jvp,
+  moment-matching distillation's teacher) is unaffected.
+  """
+  return jax.nn.gelu(x, approximate=True)
+
+
+# --------------------------------------------------------------------------------------------------
 # Normalisation (statistics in float32, biased variance as torch).
 
 
