@@ -9,10 +9,13 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from imm_jax import aot, benchmark, gpu_target, profiling
 from imm_jax.configs_loader import load_config
+from imm_jax.models import dit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,15 +102,13 @@ def test_a_dit_block_for_an_h100_takes_q_k_v_and_the_gelu_from_its_gemms():
   launch/gpu_benchmarks.sh): the fc1 GEMM writes bias + GELU and the pre-activation in one kernel
   (cuBLAS-lt's BIAS_GELU_AUX epilogue; layers.gelu_tanh's backward keeps only the GEMM's output), and
   cuDNN's attention reads q, k and v where the qkv GEMMs wrote them (dit.QKV: no copies slicing them out
-  of one output; at this size: XLA merges GEMMs on one input back into one when they are small).
+  of one output; at XL/2's size: XLA merges small GEMMs that share an input back into one).
   jax.nn.gelu and one qkv GEMM compile to neither."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-  from imm_jax.models import dit  # pylint: disable=import-outside-toplevel
-
   sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(H100[:1], ("x",)), jax.sharding.PartitionSpec())
-  spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)  # noqa: E731
+
+  def spec(shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+
   block = dit.DiTBlock(1152, 16, dtype=jnp.bfloat16, attention_impl="cudnn")
   x, c = spec((128, 256, 1152)), spec((128, 1152))
   with dit.target_platform("gpu"):
