@@ -67,7 +67,7 @@ if [[ "$DRY_RUN" == 1 ]]; then
 fi
 mkdir -p "$OUT_DIR"
 # One process per GPU: let JAX take 92% of its memory rather than 75% (cuDNN and autotuning workspaces
-# come out of the same pool as the XL/2 step's 55 GiB).
+# come out of the same pool as the XL/2 step's 47 GiB).
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 
 {
