@@ -5,26 +5,49 @@ import importlib.util
 import os
 import sys
 
+from imm_jax import tpu_target
 
-def _cpu_where_the_cuda_plugin_has_no_driver() -> None:
-  """JAX's CUDA plugin (the gpu-aot extra, or jax[cuda13] on a machine without a GPU) looks for the CUDA
-  driver whenever JAX starts its backends and, finding none, prints a long traceback before falling back
-  to the CPU. Where the plugin is installed but no driver can be loaded, choose the CPU up front: the
-  same outcome, without the traceback. A JAX_PLATFORMS already set is left alone."""
-  if os.environ.get("JAX_PLATFORMS") or not sys.platform.startswith("linux"):
-    return
+
+def _installed(module: str) -> bool:
   try:
-    plugin = any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13))
+    return importlib.util.find_spec(module) is not None
   except ImportError:
-    plugin = False
-  if not plugin:
-    return
+    return False
+
+
+def _cuda_driver() -> bool:
   try:
     ctypes.CDLL("libcuda.so.1")
   except OSError:
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    if "jax" in sys.modules:  # imported before us: its config has read the environment already
-      sys.modules["jax"].config.update("jax_platforms", "cpu")
+    return False
+  return True
 
 
-_cpu_where_the_cuda_plugin_has_no_driver()
+def _platforms_to_start() -> str | None:
+  """JAX starts every installed accelerator plugin. JAX's CUDA plugin (the gpu-aot extra, or jax[cuda13])
+  on a machine without the CUDA driver prints a long traceback before JAX falls back to the CPU; libtpu
+  (the tpu extra) on a machine without TPU chips waits on the TPU VM's metadata server and prints
+  warnings. Where an installed plugin has no hardware, this names the platforms JAX should start (the
+  same outcome, without the noise and the wait), e.g. "cpu" or "cuda,cpu"; None where each installed
+  plugin has its hardware, or none is installed: JAX's own choice."""
+  cuda = any(_installed(f"jax_plugins.xla_cuda{v}") for v in (12, 13))
+  tpu = _installed("libtpu")
+  working = (["cuda"] if cuda and _cuda_driver() else []) + (["tpu"] if tpu and tpu_target.tpu_attached() else [])
+  if len(working) == cuda + tpu:
+    return None
+  return ",".join(working + ["cpu"])
+
+
+def _skip_accelerator_plugins_without_hardware() -> None:
+  """Sets JAX_PLATFORMS to :func:`_platforms_to_start`'s choice; one already set is left alone."""
+  if os.environ.get("JAX_PLATFORMS") or not sys.platform.startswith("linux"):
+    return
+  platforms = _platforms_to_start()
+  if platforms is None:
+    return
+  os.environ["JAX_PLATFORMS"] = platforms
+  if "jax" in sys.modules:  # imported before us: its config has read the environment already
+    sys.modules["jax"].config.update("jax_platforms", platforms)
+
+
+_skip_accelerator_plugins_without_hardware()

@@ -23,6 +23,10 @@ no data pipeline exists yet).
 without one, through JAX's CUDA plugin (``imm_jax.gpu_target``): the memory figures are then XLA:GPU's
 own, with how much of the GPU they take, and the optimised program's kernels are added up by kind with a
 roofline estimate of the step time (``imm_jax.profiling.hlo_account``).
+
+``--target v5e|v5p|v6e`` compiles for a Cloud TPU slice of ``--num_devices`` chips (all its hosts) through
+libtpu (``imm_jax.tpu_target``): XLA:TPU's memory per chip (a step that does not fit the HBM stops with
+the compiler's figures) and its cost model's time per step.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from imm_jax import data as data_lib
-from imm_jax import gpu_target, parallel, profiling, sampling
+from imm_jax import gpu_target, parallel, profiling, sampling, tpu_target
 from imm_jax.builder import Model, build_model
 from imm_jax.io_utils import fail, input_errors, stop_on_input_errors
 from imm_jax.models import count_params, target_platform
@@ -47,6 +51,7 @@ from imm_jax.objectives import make_objective
 from imm_jax.trainer import make_optimizer, make_update_fn, train_state_layout
 
 _BUILT_IN = ("digits", "toy2d")  # datasets whose shape is known without reading anything external
+TARGETS = {**gpu_target.TARGETS, **tpu_target.TARGETS}  # what --target compiles for
 
 
 def config_data_info(config, input_shape: tuple[int, ...] | None = None,
@@ -87,6 +92,7 @@ class CompiledStep:
   compile_seconds: float
   memory: dict[str, int] | None  # bytes per device (None where the backend does not report them)
   flops: float | None            # per device per step (a multiply-add is 2 FLOPs); see compile_update_fn
+  estimated_seconds: float | None  # XLA:TPU's cost model per step (TPU only); see cost_model_seconds
 
   def random_batch(self, seed: int = 0) -> dict[str, jax.Array]:
     """A global batch of the right shape: N(0, 0.5^2) examples, uniform labels (for smoke tests)."""
@@ -123,6 +129,39 @@ def flop_count(compiled_or_lowered) -> float | None:
   if not cost or "flops" not in cost:
     return None
   return float(cost["flops"])
+
+
+def cost_model_seconds(compiled, loop_trips: int) -> float | None:
+  """XLA's own estimate of a compiled program's time (XLA:TPU's cost model, ``optimal_seconds``; other
+  backends report none). Like its FLOP count it takes a loop body once, so a program with a loop (the
+  micro-batches of a step, the steps of a sampler: ``loop_trips``) is charged ``loop_trips`` times its
+  figure, over-counting what runs outside the loop (the optimizer update, the prior noise)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or not cost.get("optimal_seconds") or cost["optimal_seconds"] <= 0:
+    return None  # none, or nonsense (libtpu 0.0.42 gives negative times for large v5e / v6e programs)
+  looped = " while(" in compiled.as_text()
+  return float(cost["optimal_seconds"]) * (loop_trips if looped else 1)
+
+
+def _compile(lowered, what: str):
+  """``lowered.compile()``; a program larger than the device's memory, which XLA:TPU refuses at compile
+  time, is bad input: one line with the compiler's figures and the ways to make it fit."""
+  try:
+    return lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "RESOURCE_EXHAUSTED" not in message:
+      raise
+    figures = message.split(": ", 1)[-1].rstrip(".")
+    error = ValueError(f"{what} does not fit one device ({figures}): set config.model.remat, "
+                       f"config.grad_accum_steps or config.mesh.fsdp, or use more --num_devices")
+    error.input_error = True
+    raise error from e
 
 
 def compile_update_fn(config, *, devices=None, input_shape: tuple[int, ...] | None = None,
@@ -170,7 +209,9 @@ def _compile_update_fn(config, devices, input_shape, num_classes) -> CompiledSte
   jitted = jax.jit(make_update_fn(objective, tx, config), in_shardings=(state_sh, batch_sh),
                    out_shardings=(state_sh, parallel.replicated(mesh)), donate_argnums=(0,))
   start = time.perf_counter()
-  compiled = jitted.lower(abstract_state, abstract_batch).compile()
+  compiled = _compile(jitted.lower(abstract_state, abstract_batch),
+                      f"the step at batch {batch_size} ({batch_size // mesh.devices.size // accum} per device"
+                      f" per micro-batch)")
   seconds = time.perf_counter() - start
   flops = flop_count(compiled)
   flops = profiling.hlo_account(compiled.as_text(), 1.0, 1.0)["flops"] if flops is None else flops * accum
@@ -178,7 +219,7 @@ def _compile_update_fn(config, devices, input_shape, num_classes) -> CompiledSte
       compiled=compiled, model=model, mesh=mesh, batch_size=batch_size, state_shardings=state_sh,
       batch_sharding=batch_sh, abstract_state=abstract_state, abstract_batch=abstract_batch,
       init=init, num_params=count_params(abstract_state.params), compile_seconds=seconds,
-      memory=memory_stats(compiled), flops=flops)
+      memory=memory_stats(compiled), flops=flops, estimated_seconds=cost_model_seconds(compiled, accum))
 
 
 def sample_fn(model: Model, config, steps: int, cfg_scale: float) -> Callable:
@@ -210,6 +251,7 @@ class CompiledSampler:
   compile_seconds: float
   memory: dict[str, int] | None
   flops: float | None            # per device per batch
+  estimated_seconds: float | None  # XLA:TPU's cost model per batch (TPU only); see cost_model_seconds
 
 
 def compile_sampler(config, steps: int, cfg_scale: float, batch_size: int, *, devices=None,
@@ -217,7 +259,7 @@ def compile_sampler(config, steps: int, cfg_scale: float, batch_size: int, *, de
   """Lower and compile :func:`sample_fn` from shapes alone, the batch split over ``devices`` (default
   all). FLOPs per device: XLA's count of one network evaluation on a device's rows (:func:`forward_flops`;
   guided: conditional and null rows) times ``steps``, as the benchmark counts them; for compile-only
-  devices, the optimised program's (``profiling.hlo_account``)."""
+  GPUs, the optimised program's (``profiling.hlo_account``)."""
   devices = list(devices) if devices is not None else jax.devices()
   platform = devices[0].platform
   with target_platform(platform):
@@ -235,16 +277,18 @@ def compile_sampler(config, steps: int, cfg_scale: float, batch_size: int, *, de
     labels = (None if model.null_label is None
               else jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sh))
     start = time.perf_counter()
-    compiled = jax.jit(sample_fn(model, config, steps, cfg_scale)).lower(params, noise, labels).compile()
+    compiled = _compile(jax.jit(sample_fn(model, config, steps, cfg_scale)).lower(params, noise, labels),
+                        f"the sampler at batch {batch_size} ({batch_size // len(devices)} per device)")
     seconds = time.perf_counter() - start
-    if platform == jax.default_backend():
+    if platform in (jax.default_backend(), "tpu"):  # networks that lower the same here (no cuDNN calls)
       flops = forward_flops(model, batch_size // len(devices) * (2 if model.guided(cfg_scale) else 1))
       flops = None if flops is None else flops * steps
-    else:  # compile-only devices: this backend cannot lower the network as they run it
+    else:  # compile-only GPUs: this backend cannot lower cuDNN attention as they run it
       flops = profiling.hlo_account(compiled.as_text(), 1.0, 1.0)["flops"]
   return CompiledSampler(compiled=compiled, model=model, mesh=mesh, batch_size=batch_size, steps=steps,
                          cfg_scale=cfg_scale, num_params=count_params(params), compile_seconds=seconds,
-                         memory=memory_stats(compiled), flops=flops)
+                         memory=memory_stats(compiled), flops=flops,
+                         estimated_seconds=cost_model_seconds(compiled, steps))
 
 
 def forward_flops(model: Model, batch_size: int = 1) -> float | None:
@@ -264,12 +308,18 @@ def _gib(n: int) -> str:
   return f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
-def describe(program: CompiledStep | CompiledSampler, config, target: gpu_target.GpuTarget | None = None) -> str:
+def describe(program: CompiledStep | CompiledSampler, config,
+             target: gpu_target.GpuTarget | tpu_target.TpuTarget | None = None) -> str:
   """What was compiled, its memory and FLOPs per device; for a GPU ``target``, also the share of the
-  GPU's memory and the optimised program's roofline account (``profiling.hlo_account``)."""
+  GPU's memory and the optimised program's roofline account (``profiling.hlo_account``); for a TPU one,
+  the share of the chip's HBM and XLA:TPU's cost-model time (:func:`cost_model_seconds`)."""
   devices = program.mesh.devices.size
   mesh = " x ".join(f"{k}={v}" for k, v in program.mesh.shape.items())
-  where = f"{target.description} (compile-only)" if target else program.mesh.devices.flat[0].platform
+  tpu = isinstance(target, tpu_target.TpuTarget)
+  where = program.mesh.devices.flat[0].platform
+  if target is not None:
+    where = f"{target.description} (compile-only" + (
+        f"; {target.accelerator_type(devices)}, topology {target.topology(devices)})" if tpu else ")")
   net = program.model.net
   lines = [
       f"model: {program.num_params / 1e6:.2f}M parameters, input {program.model.input_shape}, "
@@ -299,7 +349,23 @@ def describe(program: CompiledStep | CompiledSampler, config, target: gpu_target
   if program.flops is not None:
     lines.append(f"FLOPs per {unit}: {program.flops / 1e12:.3f} TFLOP per device, {program.flops * devices / 1e12:.3f} "
                  f"TFLOP in all ({program.flops * devices / program.batch_size / 1e9:.2f} GFLOP per example)")
-  if target is not None:
+  if tpu:
+    if program.memory is not None:
+      lines.append(f"that is {100 * program.memory['total'] / target.memory_bytes:.0f}% of the chip's "
+                   f"{_gib(target.memory_bytes)} of HBM (XLA:TPU refuses to compile a program that does not fit)")
+    floor = program.flops / target.peak_flops if program.flops else 0.0
+    if floor:
+      lines.append(f"compute floor: {1e3 * floor:.1f} ms per {unit} at the chips' {target.peak_flops / 1e12:.0f} "
+                   f"TFLOP/s, at most {program.batch_size / floor:.0f} {examples}/s")
+    t = program.estimated_seconds
+    if t and t >= floor:
+      lines.append(f"XLA:TPU's cost model: {1e3 * t:.1f} ms per {unit}, {program.batch_size / t:.0f} {examples}/s "
+                   f"({program.batch_size / t / devices:.1f} per chip, {100 * floor / t:.0f}% of the compute floor's "
+                   f"rate; the compiler's estimate, not a measurement)")
+    else:
+      lines.append("XLA:TPU's cost model: no usable estimate for this program" + (
+          f" ({1e3 * t:.3g} ms, below the compute floor)" if t else ""))
+  elif target is not None:
     if program.memory is not None:
       share = program.memory["total"] / target.memory_bytes
       lines.append(f"that is {100 * share:.0f}% of the GPU's {_gib(target.memory_bytes)}: "
@@ -336,15 +402,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  target = gpu_target.TARGETS[FLAGS.target] if FLAGS.target else None
+  target = TARGETS[FLAGS.target] if FLAGS.target else None
   if target is not None:
     if FLAGS.steps:
       fail(f"--steps={FLAGS.steps} runs steps, which compile-only --target {FLAGS.target} devices cannot: "
            f"drop one of them")
-    # Only compiling: keep JAX off any GPU here, and the CUDA plugin from checking for a driver.
+    # Only compiling: keep JAX off any accelerator here, and its plugins from looking for their hardware.
     jax.config.update("jax_platforms", "cpu")
     with stop_on_input_errors(), input_errors():
-      devices = gpu_target.devices(FLAGS.target, FLAGS.num_devices or 1)
+      if isinstance(target, tpu_target.TpuTarget):  # default: the smallest slice
+        devices = tpu_target.devices(FLAGS.target, FLAGS.num_devices or target.slice_sizes()[0])
+      else:
+        devices = gpu_target.devices(FLAGS.target, FLAGS.num_devices or 1)
   else:
     if FLAGS.num_devices:
       jax.config.update("jax_num_cpu_devices", FLAGS.num_devices)  # CPU only; before the backend starts
@@ -387,7 +456,8 @@ def run():
   # Defined here, not at import, so that importing this module as a library defines no flags.
   config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:variant]).",
                                   lock_config=True)
-  flags.DEFINE_integer("num_devices", None, "Devices in the mesh (default: all; on CPU, fakes this many).")
+  flags.DEFINE_integer("num_devices", None, "Devices in the mesh (default: all; on CPU, fakes this many; with --target: "
+                       "GPUs, or a TPU slice's chips, default the smallest slice).")
   flags.DEFINE_string("input_shape", None, "Example shape, e.g. 32,32,4 (default: from config.data).")
   flags.DEFINE_integer("num_classes", None, "Classes (default: config.model/data.num_classes, else 0).")
   flags.DEFINE_integer("steps", 0, "Also run this many steps on random batches and time them.")
@@ -395,8 +465,9 @@ def run():
   flags.DEFINE_integer("sample_steps", 1, "--what=sample: sampling steps (the uniform schedule).")
   flags.DEFINE_float("cfg_scale", 1.0, "--what=sample: guidance scale (1 = no guidance pass).")
   flags.DEFINE_integer("batch_size", 0, "--what=sample: images per batch (default: config.batch_size).")
-  flags.DEFINE_enum("target", None, list(gpu_target.TARGETS),
-                    "Compile for this NVIDIA GPU (needs JAX's CUDA plugin, not the GPU): memory and roofline.")
+  flags.DEFINE_enum("target", None, list(TARGETS),
+                    "Compile for this NVIDIA GPU (needs JAX's CUDA plugin, not the GPU: memory and roofline) or "
+                    "Cloud TPU slice of --num_devices chips (needs libtpu: memory and XLA's cost model).")
   flags.mark_flags_as_required(["config"])
   check_config_argv(sys.argv)
   app.run(main)

@@ -3,6 +3,9 @@
 # jax.distributed finds the other workers by itself (imm_jax.distributed).
 #
 #   export TPU_NAME=imm-xl ZONE=us-east5-a ACCELERATOR_TYPE=v5p-64 RUNTIME_VERSION=v2-alpha-tpuv5
+#   CONFIG=configs/imagenet256.py:XL/2 launch/tpu_pod.sh check --config.batch_size=4096
+#                                                 # here, before renting: compile the step for that slice
+#                                                 # (memory per chip, XLA's time estimate; v5e/v5p/v6e)
 #   launch/tpu_pod.sh create                      # the pod slice (SPOT=1 for a spot slice)
 #   launch/tpu_pod.sh setup                       # copy this checkout to every worker, make a venv, pip install
 #   CONFIG=configs/imagenet256.py:XL/2 WORKDIR=gs://my-bucket/imm/xl2 \
@@ -15,8 +18,9 @@
 #
 # Settings (environment): TPU_NAME (imm-jax), ZONE (us-central2-b), ACCELERATOR_TYPE (v4-32),
 # RUNTIME_VERSION (tpu-ubuntu2204-base), PROJECT (gcloud's default), SPOT (0), REPO_URL / REPO_REF (clone
-# that instead of copying this checkout), EXTRAS (pip extras of imm_jax, e.g. "test"), JAX_SPEC (the TPU jax
-# to install), CONFIG, WORKDIR.
+# that instead of copying this checkout), EXTRAS (more pip extras of imm_jax than "tpu", e.g. "test"),
+# JAX_SPEC (a pin installed with it, e.g. "jax==0.10.2"; the tpu extra brings the matching libtpu), CONFIG,
+# WORKDIR, PYTHON (check's interpreter: .venv/bin/python, else python3).
 #
 # WORKDIR must be storage every worker sees (the checkpoints are written by all workers together, the
 # metrics by worker 0). imm_jax writes its workdir with ordinary file operations, so a gs://BUCKET/PATH
@@ -32,7 +36,7 @@ SPOT=${SPOT:-0}
 REPO_URL=${REPO_URL:-}
 REPO_REF=${REPO_REF:-main}
 EXTRAS=${EXTRAS:-}
-JAX_SPEC=${JAX_SPEC:-jax[tpu]>=0.10.1,<0.13}
+JAX_SPEC=${JAX_SPEC:-}
 DRY_RUN=${DRY_RUN:-0}
 # Paths on the workers, expanded there (never inside single quotes).
 REMOTE_DIR='$HOME/imm_jax'
@@ -106,13 +110,29 @@ setup() {
     gcloud_tpu scp "$tarball" "$TPU_NAME:imm_jax.tar.gz" --worker=all
     fetch="rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar xzf \$HOME/imm_jax.tar.gz -C $REMOTE_DIR"
   fi
-  local spec=$REMOTE_DIR
-  [[ -n "$EXTRAS" ]] && spec="$REMOTE_DIR[$EXTRAS]"
+  local spec="$REMOTE_DIR[tpu${EXTRAS:+,$EXTRAS}]" pin=""
+  [[ -n "$JAX_SPEC" ]] && pin=" '$JAX_SPEC'"
   # gcsfuse: for gs:// workdirs (see the header).
   local gcsfuse="curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null"
   gcsfuse+=" && echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null"
   gcsfuse+=" && sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse python3-venv"
-  on_all_workers "set -e; $fetch; $gcsfuse; python3 -m venv $REMOTE_VENV && $REMOTE_VENV/bin/pip install -q -U pip && $REMOTE_VENV/bin/pip install -q '$JAX_SPEC' && $REMOTE_VENV/bin/pip install -q -e \"$spec\""
+  on_all_workers "set -e; $fetch; $gcsfuse; python3 -m venv $REMOTE_VENV && $REMOTE_VENV/bin/pip install -q -U pip && $REMOTE_VENV/bin/pip install -q -e \"$spec\"$pin"
+}
+
+check() {  # on this machine: imm_jax.aot compiles the step for ACCELERATOR_TYPE's chips (needs the tpu extra)
+  : "${CONFIG:?set CONFIG, e.g. CONFIG=configs/imagenet256.py:XL/2}"
+  local generation=${ACCELERATOR_TYPE%-*} cores=${ACCELERATOR_TYPE##*-} target chips
+  case "$generation" in
+    v5litepod|v5e) target=v5e; chips=$cores ;;
+    v6e) target=v6e; chips=$cores ;;
+    v5p) target=v5p; chips=$((cores / 2)) ;;  # v5p types count TensorCores, two per chip
+    *) echo "check: ACCELERATOR_TYPE=$ACCELERATOR_TYPE: imm_jax.aot compiles for v5e (v5litepod-N), v5p-N and v6e-N slices" >&2
+       exit 2 ;;
+  esac
+  local repo_root python=${PYTHON:-}
+  repo_root=$(cd "$(dirname "$0")/.." && pwd)
+  [[ -z "$python" ]] && { [[ -x "$repo_root/.venv/bin/python" ]] && python=$repo_root/.venv/bin/python || python=python3; }
+  run "$python" -m imm_jax.aot "--config=$CONFIG" "--target=$target" "--num_devices=$chips" "$@"
 }
 
 train() {
@@ -148,6 +168,7 @@ delete() {
 command=${1:-}
 [[ $# -gt 0 ]] && shift
 case "$command" in
+  check) check "$@" ;;
   create) create ;;
   setup) setup ;;
   train) train "$@" ;;
@@ -155,5 +176,5 @@ case "$command" in
   stop) stop ;;
   delete) delete ;;
   -h|--help|help) usage ;;
-  *) usage >&2; echo "unknown command '${command}': use create | setup | train | logs | stop | delete" >&2; exit 2 ;;
+  *) usage >&2; echo "unknown command '${command}': use check | create | setup | train | logs | stop | delete" >&2; exit 2 ;;
 esac

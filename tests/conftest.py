@@ -3,8 +3,9 @@ end-to-end tests build (each trainer run, each subprocess) compile once per mach
 
 import os
 
-# The suite runs on CPUs. With JAX's CUDA plugin installed (the gpu-aot extra, for compiling for GPUs in
-# tests/test_gpu_target.py) this keeps every process, subprocesses included, from looking for a driver.
+# The suite runs on CPUs. With JAX's CUDA plugin and libtpu installed (the gpu-aot and tpu extras, for
+# compiling for GPUs and TPU slices in tests/test_gpu_target.py and tests/test_tpu_target.py) this keeps
+# every process, subprocesses included, from looking for a driver or a TPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # pylint: disable=wrong-import-position

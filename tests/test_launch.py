@@ -38,6 +38,19 @@ def test_scripts_parse(script):
   assert os.access(script, os.X_OK)
 
 
+def test_tpu_pod_check_compiles_for_the_slice_here():
+  """`check` maps the accelerator type to imm_jax.aot's TPU target and chips (v5p types count cores)."""
+  for accelerator, target, chips in (("v5p-128", "v5p", 64), ("v5litepod-16", "v5e", 16), ("v6e-8", "v6e", 8)):
+    r = _run(TPU, "check", "--config.batch_size=4096", DRY_RUN="1", ACCELERATOR_TYPE=accelerator,
+             CONFIG="configs/imagenet256.py:XL/2", PYTHON="python3")
+    assert r.returncode == 0, r.stderr
+    (cmd,) = _commands(r.stdout)
+    assert cmd == ["python3", "-m", "imm_jax.aot", "--config=configs/imagenet256.py:XL/2", f"--target={target}",
+                   f"--num_devices={chips}", "--config.batch_size=4096"]
+  r = _run(TPU, "check", DRY_RUN="1", ACCELERATOR_TYPE="v4-32", CONFIG="configs/cifar10.py")
+  assert r.returncode == 2 and "ACCELERATOR_TYPE=v4-32: imm_jax.aot compiles for v5e" in r.stderr
+
+
 def test_tpu_pod_dry_run_prints_gcloud_commands():
   env = dict(DRY_RUN="1", TPU_NAME="imm-test", ZONE="us-east5-a", ACCELERATOR_TYPE="v5p-64",
              RUNTIME_VERSION="v2-alpha-tpuv5", PROJECT="my-proj")
@@ -48,7 +61,7 @@ def test_tpu_pod_dry_run_prints_gcloud_commands():
   assert {"--zone=us-east5-a", "--accelerator-type=v5p-64", "--version=v2-alpha-tpuv5", "--project=my-proj",
           "--spot"} <= set(create)
 
-  r = _run(TPU, "setup", **env, EXTRAS="test")
+  r = _run(TPU, "setup", **env, EXTRAS="test", JAX_SPEC="jax==0.10.2")
   assert r.returncode == 0, r.stderr
   tar, scp, ssh = _commands(r.stdout)
   assert "git ls-files" in " ".join(tar)  # this checkout, as it is, without ignored files
@@ -56,7 +69,7 @@ def test_tpu_pod_dry_run_prints_gcloud_commands():
   assert "imm-test:imm_jax.tar.gz" in scp
   assert ssh[4:6] == ["ssh", "imm-test"] and "--worker=all" in ssh
   remote = next(a for a in ssh if a.startswith("--command="))
-  assert "pip install -q 'jax[tpu]" in remote and 'pip install -q -e "$HOME/imm_jax[test]"' in remote
+  assert 'pip install -q -e "$HOME/imm_jax[tpu,test]" \'jax==0.10.2\'' in remote  # libtpu: the tpu extra
 
   r = _run(TPU, "--dry-run", "train", "--config.batch_size=4096", TPU_NAME="imm-test",
            ACCELERATOR_TYPE="v5p-64", CONFIG="configs/imagenet256.py:XL/2", WORKDIR="gs://my-bucket/imm/xl2")
