@@ -31,6 +31,7 @@ the compiler's figures) and its cost model's time per step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -148,11 +149,26 @@ def cost_model_seconds(compiled, loop_trips: int) -> float | None:
   return float(cost["optimal_seconds"]) * (loop_trips if looped else 1)
 
 
-def _compile(lowered, what: str):
-  """``lowered.compile()``; a program larger than the device's memory, which XLA:TPU refuses at compile
-  time, is bad input: one line with the compiler's figures and the ways to make it fit."""
+@contextlib.contextmanager
+def outside_persistent_cache(active: bool = True):
+  """Compiles inside write nothing to JAX's persistent compilation cache, where one is set up (no compile
+  is slow enough to be written): for programs of compile-only devices, which cannot be loaded back."""
+  min_seconds = jax.config.jax_persistent_cache_min_compile_time_secs
+  if active:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float("inf"))
   try:
-    return lowered.compile()
+    yield
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
+
+
+def _compile(lowered, what: str, compile_only: bool):
+  """``lowered.compile()``; a program larger than the device's memory, which XLA:TPU refuses at compile
+  time, is bad input: one line with the compiler's figures and the ways to make it fit. Programs for
+  compile-only devices stay :func:`outside_persistent_cache`."""
+  try:
+    with outside_persistent_cache(compile_only):
+      return lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "RESOURCE_EXHAUSTED" not in message:
@@ -162,6 +178,11 @@ def _compile(lowered, what: str):
                        f"config.grad_accum_steps or config.mesh.fsdp, or use more --num_devices")
     error.input_error = True
     raise error from e
+
+
+def _compile_only(device) -> bool:
+  """A device of a compiled-for topology (``--target``), not one this process runs on."""
+  return device.platform != jax.default_backend()
 
 
 def compile_update_fn(config, *, devices=None, input_shape: tuple[int, ...] | None = None,
@@ -211,7 +232,7 @@ def _compile_update_fn(config, devices, input_shape, num_classes) -> CompiledSte
   start = time.perf_counter()
   compiled = _compile(jitted.lower(abstract_state, abstract_batch),
                       f"the step at batch {batch_size} ({batch_size // mesh.devices.size // accum} per device"
-                      f" per micro-batch)")
+                      f" per micro-batch)", compile_only=_compile_only(mesh.devices.flat[0]))
   seconds = time.perf_counter() - start
   flops = flop_count(compiled)
   flops = profiling.hlo_account(compiled.as_text(), 1.0, 1.0)["flops"] if flops is None else flops * accum
@@ -278,7 +299,8 @@ def compile_sampler(config, steps: int, cfg_scale: float, batch_size: int, *, de
               else jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sh))
     start = time.perf_counter()
     compiled = _compile(jax.jit(sample_fn(model, config, steps, cfg_scale)).lower(params, noise, labels),
-                        f"the sampler at batch {batch_size} ({batch_size // len(devices)} per device)")
+                        f"the sampler at batch {batch_size} ({batch_size // len(devices)} per device)",
+                        compile_only=_compile_only(devices[0]))
     seconds = time.perf_counter() - start
     if platform in (jax.default_backend(), "tpu"):  # networks that lower the same here (no cuDNN calls)
       flops = forward_flops(model, batch_size // len(devices) * (2 if model.guided(cfg_scale) else 1))

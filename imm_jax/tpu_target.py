@@ -34,7 +34,6 @@ class TpuTarget:
   torus_dims: int          # 2 (v5e, v6e) or 3 (v5p)
   cores_per_chip: int      # TensorCores per chip (accelerator types count cores: v5p-8 is 4 chips)
   memory_bytes: int        # HBM per chip
-  bandwidth: float         # bytes/s of HBM
   peak_flops: float        # dense bf16 FLOP/s per chip (the published figure)
   max_chips: int
 
@@ -69,11 +68,11 @@ class TpuTarget:
 # Published per-chip figures (cloud.google.com/tpu/docs: v5e, v5p, v6e).
 TARGETS: dict[str, TpuTarget] = {
     "v5e": TpuTarget("TPU v5 lite", "v5e", "v5litepod", torus_dims=2, cores_per_chip=1,
-                     memory_bytes=16 * 2**30, bandwidth=819e9, peak_flops=197e12, max_chips=256),
+                     memory_bytes=16 * 2**30, peak_flops=197e12, max_chips=256),
     "v5p": TpuTarget("TPU v5", "v5p", "v5p", torus_dims=3, cores_per_chip=2,
-                     memory_bytes=95 * 2**30, bandwidth=2765e9, peak_flops=459e12, max_chips=8192),
+                     memory_bytes=95 * 2**30, peak_flops=459e12, max_chips=8192),
     "v6e": TpuTarget("TPU v6 lite", "v6e", "v6e", torus_dims=2, cores_per_chip=1,
-                     memory_bytes=32 * 2**30, bandwidth=1640e9, peak_flops=918e12, max_chips=256),
+                     memory_bytes=32 * 2**30, peak_flops=918e12, max_chips=256),
 }
 
 
