@@ -119,17 +119,21 @@ def memory_stats(compiled) -> dict[str, int] | None:
   return out
 
 
-def flop_count(compiled_or_lowered) -> float | None:
-  """XLA's FLOP count of a compiled (per device) or lowered program, None if not reported."""
+def _cost(compiled_or_lowered) -> dict:
+  """XLA's cost analysis of a program ({} where the backend has none)."""
   try:
     cost = compiled_or_lowered.cost_analysis()
   except Exception:  # pylint: disable=broad-except
-    return None
+    return {}
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
     cost = cost[0] if cost else None
-  if not cost or "flops" not in cost:
-    return None
-  return float(cost["flops"])
+  return cost or {}
+
+
+def flop_count(compiled_or_lowered) -> float | None:
+  """XLA's FLOP count of a compiled (per device) or lowered program, None if not reported."""
+  flops = _cost(compiled_or_lowered).get("flops")
+  return None if flops is None else float(flops)
 
 
 def cost_model_seconds(compiled, loop_trips: int) -> float | None:
@@ -137,16 +141,11 @@ def cost_model_seconds(compiled, loop_trips: int) -> float | None:
   backends report none). Like its FLOP count it takes a loop body once, so a program with a loop (the
   micro-batches of a step, the steps of a sampler: ``loop_trips``) is charged ``loop_trips`` times its
   figure, over-counting what runs outside the loop (the optimizer update, the prior noise)."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  if not cost or not cost.get("optimal_seconds") or cost["optimal_seconds"] <= 0:
+  seconds = _cost(compiled).get("optimal_seconds")
+  if not seconds or seconds <= 0:
     return None  # none, or nonsense (libtpu 0.0.42 gives negative times for large v5e / v6e programs)
   looped = " while(" in compiled.as_text()
-  return float(cost["optimal_seconds"]) * (loop_trips if looped else 1)
+  return float(seconds) * (loop_trips if looped else 1)
 
 
 @contextlib.contextmanager
