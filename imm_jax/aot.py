@@ -24,7 +24,8 @@ without one, through JAX's CUDA plugin (``imm_jax.gpu_target``): the memory figu
 own, with how much of the GPU they take, and the optimised program's kernels are added up by kind with a
 roofline estimate of the step time (``imm_jax.profiling.hlo_account``).
 
-``--target v5e|v5p|v6e`` compiles for a Cloud TPU slice of ``--num_devices`` chips (all its hosts) through
+``--target v5e|v5p|v6e`` compiles for a Cloud TPU slice of ``--num_devices`` chips (all its hosts), or
+``--target`` an accelerator type (``v5p-128``, ``v5litepod-16``, ``v6e-8``) for that slice, through
 libtpu (``imm_jax.tpu_target``): XLA:TPU's memory per chip (a step that does not fit the HBM stops with
 the compiler's figures) and its cost model's time per step.
 """
@@ -52,7 +53,6 @@ from imm_jax.objectives import make_objective
 from imm_jax.trainer import make_optimizer, make_update_fn, train_state_layout
 
 _BUILT_IN = ("digits", "toy2d")  # datasets whose shape is known without reading anything external
-TARGETS = {**gpu_target.TARGETS, **tpu_target.TARGETS}  # what --target compiles for
 
 
 def config_data_info(config, input_shape: tuple[int, ...] | None = None,
@@ -370,6 +370,11 @@ def describe(program: CompiledStep | CompiledSampler, config,
   if program.flops is not None:
     lines.append(f"FLOPs per {unit}: {program.flops / 1e12:.3f} TFLOP per device, {program.flops * devices / 1e12:.3f} "
                  f"TFLOP in all ({program.flops * devices / program.batch_size / 1e9:.2f} GFLOP per example)")
+  text = program.compiled.as_text() if target is not None or devices > 1 else ""
+  if isinstance(program, CompiledStep) and devices > 1:
+    sums = profiling.reduction_bytes(text)
+    lines.append("summed across devices (all-reduce, reduce-scatter; each instruction once): " + (", ".join(
+        f"{dtype} {n / 1e6:.3f} MB" for dtype, n in sums.most_common()) or "nothing"))
   if tpu:
     if program.memory is not None:
       lines.append(f"that is {100 * program.memory['total'] / target.memory_bytes:.0f}% of the chip's "
@@ -393,7 +398,7 @@ def describe(program: CompiledStep | CompiledSampler, config,
                    + ("fits JAX's default preallocation (75%)" if share <= 0.75 else
                       "more than JAX's default preallocation (75%): set XLA_PYTHON_CLIENT_MEM_FRACTION"
                       if share <= 0.95 else "does not fit: set config.model.remat or config.grad_accum_steps"))
-    account = profiling.hlo_account(program.compiled.as_text(), target.peak_flops, target.bandwidth)
+    account = profiling.hlo_account(text, target.peak_flops, target.bandwidth)
     lines.append(profiling.describe_account(account, unit))
     lines.append(f"  at that roofline: {program.batch_size / account['roofline_ms'] * 1e3:.0f} {examples}/s (an "
                  f"upper bound: real kernels reach a fraction of both ceilings; XLA did not autotune without a GPU)")
@@ -423,18 +428,30 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
-  target = TARGETS[FLAGS.target] if FLAGS.target else None
-  if target is not None:
+  target = None
+  if FLAGS.target:
     if FLAGS.steps:
       fail(f"--steps={FLAGS.steps} runs steps, which compile-only --target {FLAGS.target} devices cannot: "
            f"drop one of them")
     # Only compiling: keep JAX off any accelerator here, and its plugins from looking for their hardware.
     jax.config.update("jax_platforms", "cpu")
     with stop_on_input_errors(), input_errors():
-      if isinstance(target, tpu_target.TpuTarget):  # default: the smallest slice
-        devices = tpu_target.devices(FLAGS.target, FLAGS.num_devices or target.slice_sizes()[0])
-      else:
+      if FLAGS.target in gpu_target.TARGETS:
+        target = gpu_target.TARGETS[FLAGS.target]
         devices = gpu_target.devices(FLAGS.target, FLAGS.num_devices or 1)
+      else:
+        tpu = tpu_target.resolve(FLAGS.target)
+        if tpu is None:
+          types = ", ".join(t.accelerator_type(t.slice_sizes()[1]) for t in tpu_target.TARGETS.values())
+          raise ValueError(f"--target {FLAGS.target}: compiles for a GPU ({', '.join(gpu_target.TARGETS)}), a TPU "
+                           f"generation ({', '.join(tpu_target.TARGETS)}) with --num_devices, or a Cloud TPU "
+                           f"accelerator type ({types}, ...)")
+        name, chips = tpu
+        target = tpu_target.TARGETS[name]
+        if chips and FLAGS.num_devices and FLAGS.num_devices != chips:
+          raise ValueError(f"--num_devices={FLAGS.num_devices} but --target {FLAGS.target} is a slice of {chips} "
+                           f"chips: drop --num_devices")
+        devices = tpu_target.devices(name, chips or FLAGS.num_devices or target.slice_sizes()[0])
   else:
     if FLAGS.num_devices:
       jax.config.update("jax_num_cpu_devices", FLAGS.num_devices)  # CPU only; before the backend starts
@@ -486,9 +503,11 @@ def run():
   flags.DEFINE_integer("sample_steps", 1, "--what=sample: sampling steps (the uniform schedule).")
   flags.DEFINE_float("cfg_scale", 1.0, "--what=sample: guidance scale (1 = no guidance pass).")
   flags.DEFINE_integer("batch_size", 0, "--what=sample: images per batch (default: config.batch_size).")
-  flags.DEFINE_enum("target", None, list(TARGETS),
-                    "Compile for this NVIDIA GPU (needs JAX's CUDA plugin, not the GPU: memory and roofline) or "
-                    "Cloud TPU slice of --num_devices chips (needs libtpu: memory and XLA's cost model).")
+  flags.DEFINE_string("target", None,
+                      f"Compile for this NVIDIA GPU ({', '.join(gpu_target.TARGETS)}; needs JAX's CUDA plugin, not "
+                      f"the GPU: memory and roofline) or Cloud TPU slice ({', '.join(tpu_target.TARGETS)} with "
+                      f"--num_devices chips, or an accelerator type such as v5p-128; needs libtpu: memory and "
+                      f"XLA's cost model).")
   flags.mark_flags_as_required(["config"])
   check_config_argv(sys.argv)
   app.run(main)

@@ -351,6 +351,20 @@ def _trip_count(inst: dict) -> int | None:
   return int(n) if n is not None else None
 
 
+def reduction_bytes(text: str) -> collections.Counter:
+  """Element type -> bytes of the arrays a compiled program's cross-device sums (all-reduce,
+  reduce-scatter; each instruction once, wherever it sits) add up in it, e.g. Counter({'f32': ...}) for
+  a data-parallel step that sums its gradients in float32."""
+  computations, _ = parse_hlo_module(text)
+  found = collections.Counter()
+  for insts in computations.values():
+    for inst in insts:
+      if inst["op"] in ("all-reduce", "all-reduce-start", "reduce-scatter"):
+        for dtype, dims in _ARRAY.findall(inst["shape"]):
+          found[dtype] += _array_bytes(f"{dtype}[{dims}]")
+  return found
+
+
 def hlo_account(text: str, peak_flops: float, bandwidth: float, top: int = 10) -> dict:
   """Where a compiled program's time would go if each kernel ran at its roofline, from its optimised HLO.
 

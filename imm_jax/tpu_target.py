@@ -76,6 +76,25 @@ TARGETS: dict[str, TpuTarget] = {
 }
 
 
+def resolve(name: str) -> tuple[str, int | None] | None:
+  """A TPU ``--target``: a generation ('v5p': the chips are --num_devices) or a Cloud TPU accelerator type
+  ('v5p-128', 'v5litepod-16', 'v6e-8': ``launch/tpu_pod.sh``'s ACCELERATOR_TYPE, which counts TensorCores)
+  -> (the generation's key in TARGETS, the slice's chips or None); None for a name of neither form."""
+  if name in TARGETS:
+    return name, None
+  prefix, _, cores = name.rpartition("-")
+  for key, target in TARGETS.items():
+    if prefix in (key, target.accelerator_prefix) and cores.isdigit():
+      chips, rest = divmod(int(cores), target.cores_per_chip)
+      sizes = target.slice_sizes()
+      if rest or chips not in sizes:
+        raise ValueError(f"--target {name}: not a {key} slice; its accelerator types are "
+                         f"{', '.join(target.accelerator_type(n) for n in sizes[:4])}, ..., "
+                         f"{target.accelerator_type(sizes[-1])}")
+      return key, chips
+  return None
+
+
 def tpu_attached() -> bool:
   """Whether this machine has TPU chips (Google's PCI vendor id, as JAX itself checks). This module
   imports nothing heavy, so that ``imm_jax/__init__.py`` can ask before JAX starts."""

@@ -121,18 +121,10 @@ setup() {
 
 check() {  # on this machine: imm_jax.aot compiles the step for ACCELERATOR_TYPE's chips (needs the tpu extra)
   : "${CONFIG:?set CONFIG, e.g. CONFIG=configs/imagenet256.py:XL/2}"
-  local generation=${ACCELERATOR_TYPE%-*} cores=${ACCELERATOR_TYPE##*-} target chips
-  case "$generation" in
-    v5litepod|v5e) target=v5e; chips=$cores ;;
-    v6e) target=v6e; chips=$cores ;;
-    v5p) target=v5p; chips=$((cores / 2)) ;;  # v5p types count TensorCores, two per chip
-    *) echo "check: ACCELERATOR_TYPE=$ACCELERATOR_TYPE: imm_jax.aot compiles for v5e (v5litepod-N), v5p-N and v6e-N slices" >&2
-       exit 2 ;;
-  esac
   local repo_root python=${PYTHON:-}
   repo_root=$(cd "$(dirname "$0")/.." && pwd)
   [[ -z "$python" ]] && { [[ -x "$repo_root/.venv/bin/python" ]] && python=$repo_root/.venv/bin/python || python=python3; }
-  run "$python" -m imm_jax.aot "--config=$CONFIG" "--target=$target" "--num_devices=$chips" "$@"
+  run "$python" -m imm_jax.aot "--config=$CONFIG" "--target=$ACCELERATOR_TYPE" "$@"
 }
 
 train() {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from imm_jax import aot, benchmark, gpu_target, profiling
+from imm_jax import aot, benchmark, gpu_target, models, profiling
 from imm_jax.configs_loader import load_config
 from imm_jax.models import dit
 
@@ -111,7 +112,7 @@ def test_a_dit_block_for_an_h100_takes_q_k_v_and_the_gelu_from_its_gemms():
 
   block = dit.DiTBlock(1152, 16, dtype=jnp.bfloat16, attention_impl="cudnn")
   x, c = spec((128, 256, 1152)), spec((128, 1152))
-  with dit.target_platform("gpu"):
+  with models.target_platform("gpu"):
     params = jax.tree.map(lambda a: spec(a.shape), jax.eval_shape(block.init, jax.random.key(0), x, c))
     grad = jax.grad(lambda p, x, c: jnp.sum(block.apply(p, x, c) ** 2), argnums=(0, 1))
     with aot.outside_persistent_cache():
@@ -156,6 +157,11 @@ def test_cli_compiles_for_two_h200s_without_a_gpu():
   assert "of the GPU's 140.401 GiB: fits JAX's default preallocation (75%)" in out
   assert "roofline: " in out and " at 775 TFLOP/s and 4.80 TB/s" in out and "  attention " in out
   assert "examples/s (an upper bound" in out
+  # The kernels' gradients (99.3% of the parameters) are summed across the GPUs in float32 (layers.dense),
+  # the biases' in bf16.
+  params = float(re.search(r"model: ([0-9.]+)M parameters", out).group(1)) * 1e6
+  sums = dict(re.findall(r"(\w+) ([0-9.]+) MB", out.split("summed across devices")[1].splitlines()[0]))
+  assert float(sums["f32"]) * 1e6 >= 0.99 * 4 * params and float(sums.get("bf16", 0)) * 1e6 <= 0.01 * 2 * params
   r = subprocess.run(cmd + ["--steps", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --steps=1 runs steps")
 

@@ -19,6 +19,7 @@ from imm_jax.convert.reference import (load_reference_npz, network_from_referenc
                                        reference_key, variables_from_state_dict)
 from imm_jax.models import DIT_PRESETS, MLP, DiT, SongUNet, count_params, create_network
 from imm_jax.models.dit import Attention
+from imm_jax.models import layers
 from imm_jax.models.layers import dit_timestep_frequencies, gelu_tanh, precise_cos_sin
 
 VECTORS = pathlib.Path(__file__).parent / "testvectors"
@@ -349,6 +350,50 @@ def test_gelu_tanh_values_and_derivatives_are_the_closed_form():
   _, tangent = jax.jvp(gelu_tanh, (xs,), (jnp.full_like(xs, 2.0),))
   np.testing.assert_allclose(tangent, 2.0 * slope, rtol=1e-5, atol=1e-5)
   assert gelu_tanh(xs.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("product", ["dense", "conv3x3", "conv1x1"])
+def test_weight_products_are_the_plain_products_with_float32_kernel_gradients(product):
+  """layers.dense / layers.conv2d, whose JVP rule gives the kernel's gradient a float32 output: in float32
+  the values, gradients (reverse mode) and tangents (forward mode: the distillation teacher's jax.jvp in
+  parameter space) of the plain products; in bf16 the kernel's gradient is one product of bf16 operands
+  (rounded to bf16, accumulated in float32) with a float32 output, the partial sums the SPMD partitioner
+  then adds across devices (tests/test_gpu_target.py, tests/test_tpu_target.py), except a 3x3 kernel's
+  on a GPU (cuDNN: bf16 only), whose gradient stays a bf16 convolution."""
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  if product == "dense":
+    x, w = (jax.random.normal(k, s) for k, s in zip(keys, [(4, 5, 8), (8, 3)]))
+    ours, plain = layers.dense, lambda x, w: x @ w
+  else:
+    ks = 3 if product == "conv3x3" else 1
+    x, w = (jax.random.normal(k, s) for k, s in zip(keys, [(2, 6, 6, 4), (ks, ks, 4, 5)]))
+    ours = lambda x, w: layers.conv2d(x, w, ks // 2)
+    plain = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), [(ks // 2, ks // 2)] * 2,
+                                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w).astype(jnp.float32)))
+  np.testing.assert_allclose(ours(x, w), plain(x, w), rtol=1e-6, atol=1e-6)
+  for got, want in zip(jax.grad(loss(ours), argnums=(0, 1))(x, w), jax.grad(loss(plain), argnums=(0, 1))(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jax.jvp(ours, (x, w), (0.5 * x, -w))[1], jax.jvp(plain, (x, w), (0.5 * x, -w))[1],
+                             rtol=1e-5, atol=1e-5)
+
+  xb = x.astype(jnp.bfloat16)
+  c = jax.random.normal(keys[2], plain(x, w).shape)  # a linear loss: the gradient is x^T c, no bf16 output in it
+  linear = lambda f: lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * c)
+  for platform in ("tpu", "gpu"):
+    with layers.target_platform(platform):
+      grad = jax.grad(linear(ours), argnums=1)(xb, w)
+      backward = jax.make_jaxpr(jax.grad(linear(ours), argnums=1))(xb, w).eqns
+    assert grad.dtype == jnp.float32
+    np.testing.assert_allclose(grad, jax.grad(linear(plain), argnums=1)(x, w), rtol=0.01, atol=0.1)
+    products = [e for e in backward if e.primitive.name in ("dot_general", "conv_general_dilated")]
+    assert len(products) == 1
+    bf16_gradient = platform == "gpu" and product == "conv3x3"
+    assert products[0].outvars[0].aval.dtype == (jnp.bfloat16 if bf16_gradient else jnp.float32)
+    if product != "conv3x3":  # the GEMM rounds its operands to bf16 whatever their storage type
+      assert str(products[0].params["precision"]) == "BF16_BF16_F32"
+    # (The TPU's convolution takes the bf16 values converted to float32: XLA:TPU's default precision
+    # multiplies them in one bf16 pass, and its compiled program reads them as bf16.)
 
 
 def test_attention_qkv_is_one_linear_layer_sliced_into_heads():

@@ -179,6 +179,32 @@ def test_hlo_account_counts_flops_bytes_and_loops_by_hand():
   assert text.startswith(f"roofline: {a['roofline_ms']:.1f} ms per step at 1 TFLOP/s and 0.00 TB/s (9 kernels")
 
 
+def test_reduction_bytes_by_element_type():
+  """Each all-reduce (sync or async start; a tuple counts every array) and reduce-scatter once, its
+  result's bytes per element type; the async done halves and other collectives not at all."""
+  text = """HloModule m
+
+%sum (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %c = f32[] add(%a, %b)
+}
+
+ENTRY %main (g: f32[1024], h: bf16[64], k: f32[8,16]) -> f32[1024] {
+  %g = f32[1024]{0} parameter(0)
+  %h = bf16[64]{0} parameter(1)
+  %k = f32[8,16]{1,0} parameter(2)
+  %ar = (f32[1024]{0}, bf16[64]{0}) all-reduce(%g, %h), replica_groups={{0,1}}, to_apply=%sum
+  %ars = f32[8,16]{1,0} all-reduce-start(%k), replica_groups={{0,1}}, to_apply=%sum
+  %ard = f32[8,16]{1,0} all-reduce-done(%ars)
+  %rs = f32[512]{0} reduce-scatter(%g), replica_groups={{0,1}}, dimensions={0}, to_apply=%sum
+  %ag = f32[2048]{0} all-gather(%g), replica_groups={{0,1}}, dimensions={0}
+  ROOT %out = f32[1024]{0} get-tuple-element(%ar), index=0
+}
+"""
+  assert profiling.reduction_bytes(text) == {"f32": 4 * (1024 + 128 + 512), "bf16": 2 * 64}
+
+
 def test_hlo_account_of_a_cpu_compile_matches_the_closed_form():
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel

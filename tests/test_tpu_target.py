@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import imm_jax
-from imm_jax import aot, benchmark, tpu_target
+from imm_jax import aot, benchmark, profiling, tpu_target
 from imm_jax.configs_loader import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +45,15 @@ def test_slices_are_the_cloud_tpu_shapes_and_names():
     v6e.topology(512)
   with pytest.raises(ValueError, match=r"unknown TPU target 'v4' \(--target\): choose one of \('v5e', 'v5p', 'v6e'\)"):
     tpu_target.devices("v4", 4)
+  # --target (launch/tpu_pod.sh check's ACCELERATOR_TYPE): a generation, or any slice's accelerator type.
+  assert tpu_target.resolve("v5p") == ("v5p", None)
+  for key, target in tpu_target.TARGETS.items():
+    assert all(tpu_target.resolve(target.accelerator_type(n)) == (key, n) for n in target.slice_sizes())
+  assert tpu_target.resolve("v5e-16") == ("v5e", 16)  # the generation's own name works too
+  with pytest.raises(ValueError, match=r"--target v5p-6: not a v5p slice; its accelerator types are v5p-8, "
+                                       r"v5p-16, v5p-32, v5p-64, ..., v5p-16384"):
+    tpu_target.resolve("v5p-6")
+  assert [tpu_target.resolve(name) for name in ("v4-32", "v6e-x", "h100")] == [None] * 3
 
 
 @pytest.mark.parametrize("cuda,driver,libtpu,chips,expected", [
@@ -84,6 +93,13 @@ def test_a_multi_host_slice_is_described_from_one_process():
   assert {d.device_kind for d in tpu_target.devices("v5e", 4)} == {"TPU v5 lite"}
 
 
+def assert_kernel_gradients_summed_in_float32(step):
+  """The kernels' gradients (99.3% of the digits DiT's parameters) are summed across the chips in float32
+  (layers.dense: XLA:TPU otherwise sums them in bf16), the biases' in bf16."""
+  sums = profiling.reduction_bytes(step.compiled.as_text())
+  assert sums["f32"] >= 0.99 * 4 * step.num_params and sums["bf16"] <= 0.01 * 2 * step.num_params
+
+
 @needs_libtpu
 def test_step_for_a_v5e_slice_holds_the_state_and_does_the_cpu_programs_flops():
   """Data parallel on 4 v5e chips: each chip's arguments are the whole train state (plus its share of
@@ -99,11 +115,13 @@ def test_step_for_a_v5e_slice_holds_the_state_and_does_the_cpu_programs_flops():
   assert full + batch_share <= replicated.memory["arguments"] <= 1.02 * (full + batch_share)
   assert replicated.flops * 4 / 128 == pytest.approx(cpu.flops / 128, rel=0.05)
   assert replicated.estimated_seconds >= replicated.flops / tpu_target.TARGETS["v5e"].peak_flops
+  assert_kernel_gradients_summed_in_float32(replicated)
 
   config.mesh.fsdp, config.mesh.fsdp_min_size = 4, 2**10
   sharded = aot.compile_update_fn(config, devices=chips)
   assert state_bytes(sharded, per_device=True) < 0.3 * full
   assert state_bytes(sharded, per_device=True) <= sharded.memory["arguments"] < 0.3 * full
+  assert_kernel_gradients_summed_in_float32(sharded)
   text = aot.describe(sharded, config, tpu_target.TARGETS["v5e"])
   assert "on 4 TPU v5 lite (compile-only; v5litepod-4, topology 2x2) devices, mesh data=1 x fsdp=4" in text
   assert "of the chip's 16.000 GiB of HBM" in text and re.search(r"XLA:TPU's cost model: [0-9.]+ ms per step", text)
@@ -127,10 +145,15 @@ def test_sampler_estimate_counts_every_step():
 def test_cli_step_that_does_not_fit_the_hbm_is_one_line():
   env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
   proc = subprocess.run(
-      [sys.executable, "-m", "imm_jax.aot", "--config", "configs/digits.py", "--target", "v5e", "--num_devices",
-       "4", "--config.batch_size=262144"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+      [sys.executable, "-m", "imm_jax.aot", "--config", "configs/digits.py", "--target", "v5litepod-4",
+       "--config.batch_size=262144"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: the step at batch 262144 (65536 per device per micro-batch) does not fit one "
                          "device (Ran out of memory on HBM"), proc.stderr[-2000:]
   assert "exceeds available HBM (15.75G)): set config.model.remat, config.grad_accum_steps" in last
+  proc = subprocess.run([sys.executable, "-m", "imm_jax.aot", "--config", "configs/digits.py", "--target", "v4-32"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+      "error: --target v4-32: compiles for a GPU (h100, h200), a TPU generation (v5e, v5p, v6e) with "
+      "--num_devices, or a Cloud TPU accelerator type (v5litepod-4, v5p-16, v6e-4, ...)"), proc.stderr[-2000:]

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imm_jax.models.dit import DIT_PRESETS, DiT, check_attention_impl, target_platform
+from imm_jax.models.dit import DIT_PRESETS, DiT, check_attention_impl
+from imm_jax.models.layers import target_platform
 from imm_jax.models.mlp import MLP
 from imm_jax.models.unet import SongUNet
 

@@ -11,8 +11,6 @@ for reference state dicts whose pos_embed is not that table).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 from typing import Any
 
 import flax.linen as nn
@@ -20,8 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imm_jax.models.layers import (dit_timestep_frequencies, gelu_tanh, layer_norm, normal, precise_cos_sin,
-                                   remat_block, xavier_uniform, xavier_uniform_flat)
+from imm_jax.models.layers import (Dense, dense, dit_timestep_frequencies, gelu_tanh, layer_norm, normal,
+                                   precise_cos_sin, remat_block, traced_platform, xavier_uniform,
+                                   xavier_uniform_flat)
 
 Dtype = Any
 
@@ -72,9 +71,9 @@ class TimestepEmbedder(nn.Module):
     cos, sin = precise_cos_sin(labels, freqs)
     emb = jnp.concatenate([cos, sin], axis=-1)
     init = normal(0.02)
-    h = nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="mlp_0")(emb)
+    h = Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="mlp_0")(emb)
     h = nn.silu(h)
-    h = nn.Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="mlp_2")(h)
+    h = Dense(self.hidden_size, kernel_init=init, dtype=self.dtype, name="mlp_2")(h)
     return h.astype(jnp.float32)
 
 
@@ -91,20 +90,6 @@ class LabelEmbedder(nn.Module):
     return jnp.take(table, labels, axis=0)
 
 
-_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("target_platform", default=None)
-
-
-@contextlib.contextmanager
-def target_platform(platform: str):
-  """Networks built and traced inside are checked for ``platform`` ('gpu', 'tpu', 'cpu') instead of JAX's
-  default backend: for compiling ahead of time for another platform (``imm_jax.aot --target``)."""
-  token = _TARGET_PLATFORM.set(platform)
-  try:
-    yield
-  finally:
-    _TARGET_PLATFORM.reset(token)
-
-
 def check_attention_impl(impl: str | None, dtype) -> None:
   """Fails at trace time, in one line, where cuDNN attention cannot run: jax's own errors come from
   deep inside the lowering ("cuDNN is not detected", "Q must be fp16/bf16")."""
@@ -112,7 +97,7 @@ def check_attention_impl(impl: str | None, dtype) -> None:
     raise ValueError(f"unknown config.model.attention_impl {impl!r}: choose one of {ATTENTION_IMPLS}")
   if impl != "cudnn":
     return
-  platform = _TARGET_PLATFORM.get() or jax.default_backend()
+  platform = traced_platform()
   if platform != "gpu":
     raise ValueError(f"config.model.attention_impl='cudnn' needs an NVIDIA GPU, but JAX runs on "
                      f"{platform}: leave it unset (None) or use 'xla'")
@@ -137,8 +122,8 @@ class QKV(nn.Module):
     c = self.features
     kernel = self.param("kernel", xavier_uniform(), (x.shape[-1], 3 * c), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (3 * c,), jnp.float32)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return tuple(x @ kernel[:, i * c:(i + 1) * c] + bias[i * c:(i + 1) * c] for i in range(3))
+    x, bias = x.astype(self.dtype), bias.astype(self.dtype)
+    return tuple(dense(x, kernel[:, i * c:(i + 1) * c]) + bias[i * c:(i + 1) * c] for i in range(3))
 
 
 class Attention(nn.Module):
@@ -157,7 +142,7 @@ class Attention(nn.Module):
     q, k, v = (y.reshape(b, n, self.num_heads, hd) for y in QKV(c, dtype=self.dtype, name="qkv")(x))
     a = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
     a = a.reshape(b, n, c)
-    return nn.Dense(c, kernel_init=xavier_uniform(), dtype=self.dtype, name="proj")(a)
+    return Dense(c, kernel_init=xavier_uniform(), dtype=self.dtype, name="proj")(a)
 
 
 class Mlp(nn.Module):
@@ -167,9 +152,9 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
-    h = nn.Dense(self.hidden_features, kernel_init=xavier_uniform(), dtype=self.dtype, name="fc1")(x)
+    h = Dense(self.hidden_features, kernel_init=xavier_uniform(), dtype=self.dtype, name="fc1")(x)
     h = gelu_tanh(h)
-    return nn.Dense(c, kernel_init=xavier_uniform(), dtype=self.dtype, name="fc2")(h)
+    return Dense(c, kernel_init=xavier_uniform(), dtype=self.dtype, name="fc2")(h)
 
 
 class DiTBlock(nn.Module):
@@ -183,8 +168,8 @@ class DiTBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, c):
-    mod = nn.Dense(6 * self.hidden_size, kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                   name="adaLN_modulation")(nn.silu(c))
+    mod = Dense(6 * self.hidden_size, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                name="adaLN_modulation")(nn.silu(c))
     mod = mod.astype(jnp.float32)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     h = modulate(layer_norm(x), shift_msa, scale_msa)
@@ -203,12 +188,32 @@ class FinalLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, c):
-    mod = nn.Dense(2 * self.hidden_size, kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                   name="adaLN_modulation")(nn.silu(c)).astype(jnp.float32)
+    mod = Dense(2 * self.hidden_size, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                name="adaLN_modulation")(nn.silu(c)).astype(jnp.float32)
     shift, scale = jnp.split(mod, 2, axis=-1)
     h = modulate(layer_norm(x), shift, scale)
-    return nn.Dense(self.out_features, kernel_init=nn.initializers.zeros, dtype=self.dtype,
-                    name="linear")(h.astype(self.dtype))
+    return Dense(self.out_features, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                 name="linear")(h.astype(self.dtype))
+
+
+class PatchEmbed(nn.Module):
+  """The reference's patch conv (p x p, stride p; params ``kernel`` (p, p, C, hidden) HWIO and ``bias``)
+  as the product it is: each token is its p x p x C patch times the flattened kernel (layers.dense, so
+  the kernel's gradient is summed in float32 on every platform). Returns (N, tokens, hidden)."""
+
+  hidden_size: int
+  patch_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n, hgt, wid, ch = x.shape
+    p = self.patch_size
+    kernel = self.param("kernel", xavier_uniform_flat(), (p, p, ch, self.hidden_size), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.hidden_size,), jnp.float32)
+    patches = x.astype(self.dtype).reshape(n, hgt // p, p, wid // p, p, ch).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(n, (hgt // p) * (wid // p), p * p * ch)
+    return dense(patches, kernel.reshape(p * p * ch, self.hidden_size)) + bias.astype(self.dtype)
 
 
 class DiT(nn.Module):
@@ -248,10 +253,7 @@ class DiT(nn.Module):
       raise ValueError(f"DiT input_size {hgt} is not divisible by patch_size {p} (config.model.patch_size)")
     gh = hgt // p
 
-    tokens = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding="VALID",
-                     kernel_init=xavier_uniform_flat(), dtype=self.dtype,
-                     name="x_embedder")(x.astype(self.dtype))
-    tokens = tokens.reshape(n, gh * gh, self.hidden_size).astype(jnp.float32)
+    tokens = PatchEmbed(self.hidden_size, p, dtype=self.dtype, name="x_embedder")(x).astype(jnp.float32)
     if self.has_variable("buffers", "pos_embed"):
       # A reference pos_embed that is not the sin-cos table (see convert.reference.variables_from_state_dict).
       pos = jnp.asarray(self.get_variable("buffers", "pos_embed"), jnp.float32).reshape(gh * gh, -1)

@@ -6,8 +6,11 @@ Everything here mirrors a PyTorch operation of the reference code (EDM's ``netwo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -147,6 +150,106 @@ def remat_block(block_cls, remat: str, static_argnums: tuple[int, ...] = ()):
 
 
 # --------------------------------------------------------------------------------------------------
+# The platform the networks are traced for.
+
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("target_platform", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+  """Networks built and traced inside are checked for, and computed as suits, ``platform`` ('gpu', 'tpu',
+  'cpu') instead of JAX's default backend: for compiling ahead of time for another platform
+  (``imm_jax.aot --target``)."""
+  token = _TARGET_PLATFORM.set(platform)
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
+
+
+def traced_platform() -> str:
+  """The platform of :func:`target_platform`, else JAX's default backend."""
+  return _TARGET_PLATFORM.get() or jax.default_backend()
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight products whose kernel gradients are summed in float32.
+#
+# With bf16 compute, autodiff computes a kernel's gradient with a bf16 GEMM (or convolution): the sum
+# over the batch is accumulated in float32 inside it but written in bf16, and with the batch sharded
+# over devices the SPMD partitioner adds the devices' partial gradients where they appear, in bf16 (an
+# all-reduce that rounds at every hop; XLA does so on GPU and TPU). Through _weight_product the kernel's
+# tangent is a float32 product of the bf16 input and the float32 tangent (its JVP rule below), so its
+# transpose, in the backward pass, computes the kernel's gradient from the bf16 operands with float32
+# accumulation and output: the devices' partial gradients are summed in float32 (as PyTorch DDP sums
+# them) and nothing rounds them to bf16 on their way to the float32 parameter. Values, the input's
+# gradient and forward-mode derivatives (jax.jvp in parameter space: moment-matching distillation's
+# teacher) are the plain product's; in float32 nothing changes. Biases (0.1-0.7% of the parameters) are
+# left to autodiff's bf16 sums: summing them in float32 as well made XLA:GPU write every cotangent out
+# once more in float32 (5% of the DiT-XL/2 step at the H100 roofline, docs/benchmarks.md).
+
+# The kernel-gradient GEMM rounds its operands to the compute dtype and accumulates in float32 (a dot
+# algorithm): the kernel's tangent, and in the backward pass the output's cotangent (converted by the
+# transpose), reach it in float32, and XLA:GPU would otherwise run a float32 (TF32) GEMM.
+_FLOAT32_ACCUMULATION = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+                         jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}
+
+
+def _dense_op(x, kernel, preferred_element_type=None):
+  precision = _FLOAT32_ACCUMULATION.get(jnp.dtype(x.dtype)) if preferred_element_type else None
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=preferred_element_type)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _weight_product(op: Callable, float32_kernel_gradient: bool, x, kernel):
+  """op(x, kernel) in x's dtype; ``op(x, kernel, preferred_element_type)`` is bilinear."""
+  return op(x, kernel.astype(x.dtype))
+
+
+def _weight_product_jvp(op, float32_kernel_gradient, primals, tangents):
+  x, kernel = primals
+  dx, dkernel = tangents
+  y = _weight_product(op, float32_kernel_gradient, x, kernel)
+  terms = []
+  if not isinstance(dx, jax.custom_derivatives.SymbolicZero):
+    terms.append(op(dx, kernel.astype(x.dtype)))
+  if not isinstance(dkernel, jax.custom_derivatives.SymbolicZero):
+    # float32 in and out: nothing rounds the gradient between its sum and the float32 parameter (a
+    # bf16 rounding there, XLA:TPU moves before the cross-device sum).
+    terms.append(op(x, dkernel, jnp.float32) if float32_kernel_gradient else op(x, dkernel.astype(x.dtype)))
+  dy = functools.reduce(jnp.add, (t.astype(y.dtype) for t in terms)) if terms else jnp.zeros_like(y)
+  return y, dy
+
+
+_weight_product.defjvp(_weight_product_jvp, symbolic_zeros=True)
+
+
+def dense(x, kernel):
+  """``x @ kernel`` over x's last axis in x's dtype (the float32 kernel cast to it), the kernel's
+  gradient summed in float32 (see above)."""
+  return _weight_product(_dense_op, True, x, kernel)
+
+
+class Dense(nn.Module):
+  """nn.Dense's layer (params ``kernel`` (in, out) and ``bias``, float32) computed in ``dtype`` through
+  :func:`dense`."""
+
+  features: int
+  use_bias: bool = True
+  kernel_init: Any = nn.initializers.lecun_normal()
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+    y = dense(x.astype(self.dtype), kernel)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+    return y
+
+
+# --------------------------------------------------------------------------------------------------
 # Activations.
 
 
@@ -236,10 +339,25 @@ def upsample(x, f2d: np.ndarray):
   return _depthwise(x, (4.0 * f2d)[::-1, ::-1], stride=1, padding=((p, p), (p, p)), lhs_dilation=2)
 
 
+def _conv_op(padding: int):
+  def op(x, kernel, preferred_element_type=None):
+    # The kernel's tangent (float32) meets a bf16 x: convolutions take one dtype, and the TPU's default
+    # precision multiplies float32 operands in one bf16 pass.
+    x = x.astype(kernel.dtype) if preferred_element_type else x
+    return jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding=((padding, padding), (padding, padding)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=preferred_element_type)
+  return op
+
+
 def conv2d(x, kernel, padding: int):
-  return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=(1, 1), padding=((padding, padding), (padding, padding)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  """Stride-1 convolution of NHWC ``x`` with the HWIO float32 ``kernel``, in x's dtype, the kernel's
+  gradient summed in float32 as by :func:`dense` (1x1 kernels are a :func:`dense`), except on GPUs for
+  larger kernels: cuDNN computes a weight gradient from bf16 operands only in bf16, and for a float32
+  output XLA would run the convolution in float32."""
+  if kernel.shape[:2] == (1, 1) and padding == 0:
+    return dense(x, kernel.reshape(kernel.shape[2:]))
+  return _weight_product(_conv_op(padding), traced_platform() != "gpu", x, kernel)
 
 
 class Conv2d(nn.Module):
@@ -276,7 +394,7 @@ class Conv2d(nn.Module):
       raise ValueError("Conv2d: fused up-resampling is not used by SongUNet and is not implemented")
     if self.fused_resample and self.down and w is not None:
       f_pad = (f2d.shape[0] - 1) // 2
-      x = conv2d(x, w.astype(self.dtype), w_pad + f_pad)
+      x = conv2d(x, w, w_pad + f_pad)
       x = _depthwise(x, f2d, stride=2, padding=((0, 0), (0, 0)))
     else:
       if self.up:
@@ -284,7 +402,7 @@ class Conv2d(nn.Module):
       if self.down:
         x = downsample(x, f2d)
       if w is not None:
-        x = conv2d(x, w.astype(self.dtype), w_pad)
+        x = conv2d(x, w, w_pad)
     if b is not None:
       x = x + b.astype(self.dtype)
     return x

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from imm_jax.models.dit import LabelEmbedder
-from imm_jax.models.layers import dit_timestep_frequencies, precise_cos_sin, remat_block, xavier_uniform
+from imm_jax.models.layers import Dense, dit_timestep_frequencies, precise_cos_sin, remat_block, xavier_uniform
 
 Dtype = Any
 
@@ -26,9 +26,9 @@ class _NoiseEmbedder(nn.Module):
   def __call__(self, labels):
     cos, sin = precise_cos_sin(labels, dit_timestep_frequencies(self.frequency_size))
     h = jnp.concatenate([cos, sin], axis=-1)
-    h = nn.Dense(self.hidden, kernel_init=xavier_uniform(), dtype=self.dtype, name="mlp_0")(h)
-    return nn.Dense(self.hidden, kernel_init=xavier_uniform(), dtype=self.dtype,
-                    name="mlp_2")(nn.silu(h)).astype(jnp.float32)
+    h = Dense(self.hidden, kernel_init=xavier_uniform(), dtype=self.dtype, name="mlp_0")(h)
+    return Dense(self.hidden, kernel_init=xavier_uniform(), dtype=self.dtype,
+                 name="mlp_2")(nn.silu(h)).astype(jnp.float32)
 
 
 class _ResBlock(nn.Module):
@@ -39,7 +39,7 @@ class _ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, h, emb):
-    dense = lambda name: nn.Dense(self.hidden, kernel_init=xavier_uniform(), dtype=self.dtype, name=name)
+    dense = lambda name: Dense(self.hidden, kernel_init=xavier_uniform(), dtype=self.dtype, name=name)
     y = nn.LayerNorm(use_fast_variance=False, dtype=jnp.float32, name="norm")(h)
     y = dense("fc1")(y) + dense("emb")(emb)
     return h + dense("fc2")(nn.silu(y)).astype(jnp.float32)
@@ -70,11 +70,11 @@ class MLP(nn.Module):
       emb = emb + LabelEmbedder(self.num_classes + 1, self.hidden, name="y_embedder")(labels)
     emb = nn.silu(emb)
 
-    h = nn.Dense(self.hidden, kernel_init=xavier_uniform(), dtype=self.dtype, name="in_proj")(x)
+    h = Dense(self.hidden, kernel_init=xavier_uniform(), dtype=self.dtype, name="in_proj")(x)
     h = h.astype(jnp.float32)
     block_cls = remat_block(_ResBlock, self.remat)
     for i in range(self.depth):
       h = block_cls(self.hidden, dtype=self.dtype, name=f"blocks_{i}")(h, emb)
     h = nn.LayerNorm(use_fast_variance=False, dtype=jnp.float32, name="out_norm")(h)
-    out = nn.Dense(d, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="out_proj")(h)
+    out = Dense(d, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="out_proj")(h)
     return out.astype(jnp.float32)

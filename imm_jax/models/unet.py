@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imm_jax.models.layers import (Conv2d, GroupNorm, edm_positional_frequencies, normal, precise_cos_sin,
-                                   remat_block, xavier_uniform)
+from imm_jax.models.layers import (Conv2d, Dense, GroupNorm, edm_positional_frequencies, normal,
+                                   precise_cos_sin, remat_block, xavier_uniform)
 
 Dtype = Any
 
@@ -63,7 +63,7 @@ class UNetBlock(nn.Module):
     h = nn.silu(GroupNorm(eps=self.eps, name="norm0")(x))
     h = Conv2d(cout, 3, up=self.up, down=self.down, resample_filter=self.resample_filter,
                kernel_init=_INIT, dtype=self.dtype, name="conv0")(h)
-    params = nn.Dense(cout, kernel_init=_INIT, dtype=self.dtype, name="affine")(emb)
+    params = Dense(cout, kernel_init=_INIT, dtype=self.dtype, name="affine")(emb)
     h = h.astype(jnp.float32) + params.astype(jnp.float32)[:, None, None, :]
     h = nn.silu(GroupNorm(eps=self.eps, name="norm1")(h))
     if train and self.dropout > 0:
@@ -156,7 +156,7 @@ class SongUNet(nn.Module):
     emb_channels = self.model_channels * self.channel_mult_emb
     block = dict(dropout=self.dropout, resample_filter=tuple(self.resample_filter), dtype=self.dtype)
     block_cls = remat_block(UNetBlock, self.remat, static_argnums=(3,))  # train: (self, x, emb, train)
-    dense = lambda feats, name: nn.Dense(feats, kernel_init=_INIT, name=name)
+    dense = lambda feats, name: Dense(feats, kernel_init=_INIT, name=name)
 
     # Mapping (float32 throughout: the reference runs it in float64).
     c_t = jnp.broadcast_to(jnp.asarray(c_t, jnp.float32).reshape(-1), (n,))
