@@ -370,8 +370,10 @@ def describe(program: CompiledStep | CompiledSampler, config,
   if program.flops is not None:
     lines.append(f"FLOPs per {unit}: {program.flops / 1e12:.3f} TFLOP per device, {program.flops * devices / 1e12:.3f} "
                  f"TFLOP in all ({program.flops * devices / program.batch_size / 1e9:.2f} GFLOP per example)")
-  text = program.compiled.as_text() if target is not None or devices > 1 else ""
-  if isinstance(program, CompiledStep) and devices > 1:
+  sums_across_devices = isinstance(program, CompiledStep) and devices > 1
+  gpu_roofline = target is not None and not tpu
+  text = program.compiled.as_text() if sums_across_devices or gpu_roofline else ""  # large for big models
+  if sums_across_devices:
     sums = profiling.reduction_bytes(text)
     lines.append("summed across devices (all-reduce, reduce-scatter; each instruction once): " + (", ".join(
         f"{dtype} {n / 1e6:.3f} MB" for dtype, n in sums.most_common()) or "nothing"))
@@ -391,7 +393,7 @@ def describe(program: CompiledStep | CompiledSampler, config,
     else:
       lines.append("XLA:TPU's cost model: no usable estimate for this program" + (
           f" ({1e3 * t:.3g} ms, below the compute floor)" if t else ""))
-  elif target is not None:
+  elif gpu_roofline:
     if program.memory is not None:
       share = program.memory["total"] / target.memory_bytes
       lines.append(f"that is {100 * share:.0f}% of the GPU's {_gib(target.memory_bytes)}: "
