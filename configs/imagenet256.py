@@ -14,7 +14,8 @@ Variants (``--config configs/imagenet256.py:VARIANT``; 8-step FID at w = 1.5 in 
 Precision: float32 (the paper's TF32 on GPUs). The best run was trained in FP16 (Table 8); the
 network's compute dtype is ``--config.model.dtype`` (no loss scaling is implemented). On H100s use
 ``--config.model.dtype=bfloat16 --config.model.attention_impl=cudnn``; ``--config.model.remat=block``
-(or a ``grad_accum_steps`` > 1) when a device's share of the batch does not fit (docs/benchmarks.md).
+(or a ``grad_accum_steps`` > 1) when a device's share of the batch does not fit; the paper's batch on
+8 x 80 GB GPUs: ``--config.grad_accum_steps=8``, 8 x 64 per GPU in 40 GiB (docs/benchmarks.md).
 
 Data: SD-VAE latents pre-encoded by ``python -m imm_jax.encode`` (imm_jax.data.latents); set
 ``--config.data.path`` to its ``--out`` folder. Each step draws z = mean + std * N(0, 1) per example and

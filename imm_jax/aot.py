@@ -398,7 +398,7 @@ def describe(program: CompiledStep | CompiledSampler, config,
       share = program.memory["total"] / target.memory_bytes
       lines.append(f"that is {100 * share:.0f}% of the GPU's {_gib(target.memory_bytes)}: "
                    + ("fits JAX's default preallocation (75%)" if share <= 0.75 else
-                      "more than JAX's default preallocation (75%): set XLA_PYTHON_CLIENT_MEM_FRACTION"
+                      "more than JAX's default preallocation (75%): set XLA_CLIENT_MEM_FRACTION"
                       if share <= 0.95 else "does not fit: set config.model.remat or config.grad_accum_steps"))
     account = profiling.hlo_account(text, target.peak_flops, target.bandwidth)
     lines.append(profiling.describe_account(account, unit))

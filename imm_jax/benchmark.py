@@ -114,6 +114,7 @@ def benchmark_train(config, repeats: int = 10, warmup: int = 2, profile_dir: str
     account = profiling.hlo_account(step.compiled.as_text(), target.peak_flops, target.bandwidth)
     result["roofline_ms"] = account["roofline_ms"]
     result["roofline_ms_by_kind"] = {k: v["ms"] for k, v in account["kinds"].items()}
+    result["roofline_rematerialized_ms"] = account["rematerialized"]["ms"]
   if step.estimated_seconds:  # on a TPU: XLA:TPU's cost model of the compiled step
     result["xla_estimate_ms"] = 1e3 * step.estimated_seconds
   return _profile(result, run, seconds, profile_dir, profile_steps)
@@ -209,6 +210,9 @@ def report(result: dict, peak_tflops: float | None) -> str:
   if result.get("roofline_ms"):
     lines.append(f"roofline of the compiled step: {result['roofline_ms']:.1f} ms; the timed step "
                  f"({1e3 * seconds:.1f} ms) runs at {100 * result['roofline_ms'] / (1e3 * seconds):.0f}% of it")
+    if result.get("roofline_rematerialized_ms"):
+      lines.append(f"of which {result['roofline_rematerialized_ms']:.1f} ms recompute values: the step crossed XLA's "
+                   f"memory limit for the GPU (fewer examples per device or micro-batch avoid that)")
   if result.get("xla_estimate_ms"):
     lines.append(f"XLA's cost model of the compiled step: {result['xla_estimate_ms']:.1f} ms; the timed step "
                  f"({1e3 * seconds:.1f} ms) takes {1e3 * seconds / result['xla_estimate_ms']:.2f}x that")

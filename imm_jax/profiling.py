@@ -185,6 +185,8 @@ def profile(fn: Callable[[], Any], steps: int, log_dir: str, seconds_per_step: f
 _FREE_OPS = frozenset({"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all",
                        "partition-id", "replica-id", "opt-barrier", "add-dependency", "domain"})
 _ASYNC_DONE = ("-done", "-update")  # the second half of an async pair: its work is counted at the start
+# XLA's rematerialisation pass names each instruction it adds (a recomputed value) <name>.remat[N][.N].
+_REMATERIALIZED = re.compile(r"\.remat\d*(?:\.\d+)?$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$")
 _ARRAY = re.compile(r"\b(pred|token|[a-z]+\d+[a-z0-9]*)\[([0-9,]*)\]")
 
@@ -376,6 +378,8 @@ def hlo_account(text: str, peak_flops: float, bandwidth: float, top: int = 10) -
   one stream (caches aside: an operand re-read from L2 is charged again; collectives are charged their
   bytes at memory bandwidth, not the interconnect's). Kinds are :func:`kind_of`'s,
   with any kernel that does FLOPs counted as its matmul / attention / convolution work.
+  ``rematerialized`` counts the kernels (and their time) that XLA's rematerialisation pass added: it
+  recomputes values when the program's peak memory crosses the compiler's limit for the device.
   """
   computations, entry = parse_hlo_module(text)
   flops_cache: dict[str, float] = {}
@@ -429,16 +433,19 @@ def hlo_account(text: str, peak_flops: float, bandwidth: float, top: int = 10) -
       row[3] += seconds * times
       metadata = re.search(r'op_name="([^"]+)"', inst["attrs"])
       kernels.append({"name": inst["name"], "kind": kind, "op_name": metadata.group(1) if metadata else "",
-                      "count": times, "flops": flops * times, "bytes": nbytes * times, "ms": 1e3 * seconds * times})
+                      "count": times, "flops": flops * times, "bytes": nbytes * times, "ms": 1e3 * seconds * times,
+                      "rematerialized": bool(_REMATERIALIZED.search(inst["name"]))})
 
   visit(entry, 1.0)
   total_ms = sum(k["ms"] for k in kernels)
+  recomputed = [k for k in kernels if k["rematerialized"]]
   return {
       "kernels": sum(k["count"] for k in kernels), "flops": sum(k["flops"] for k in kernels),
       "bytes": sum(k["bytes"] for k in kernels), "roofline_ms": total_ms,
       "peak_flops": peak_flops, "bandwidth": bandwidth, "loops_without_trip_count": unknown_loops,
       "kinds": {k: {"kernels": v[0], "flops": v[1], "bytes": v[2], "ms": 1e3 * v[3]}
                 for k, v in sorted(kinds.items(), key=lambda kv: -kv[1][3])},
+      "rematerialized": {"kernels": sum(k["count"] for k in recomputed), "ms": sum(k["ms"] for k in recomputed)},
       "top": sorted(kernels, key=lambda k: -k["ms"])[:top],
   }
 
@@ -454,6 +461,11 @@ def describe_account(account: dict, unit: str = "step") -> str:
                  f"{v['bytes'] / 1e9:8.2f} GB {v['ms']:9.2f} ms")
   if account["loops_without_trip_count"]:
     lines.append(f"  ({account['loops_without_trip_count']} loop(s) without a known trip count: counted once)")
+  remat = account["rematerialized"]
+  if remat["kernels"]:
+    lines.append(f"  recomputed: {remat['kernels']:.0f} of the kernels, {remat['ms']:.2f} ms, added by XLA's "
+                 f"rematerialisation pass: the program's peak memory crossed the compiler's limit for the device "
+                 f"(fewer examples per device or micro-batch avoid that)")
   return "\n".join(lines)
 
 

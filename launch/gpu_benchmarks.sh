@@ -13,9 +13,9 @@
 # Settings (environment): PYTHON (python3), PEAK_TFLOPS (775, the matmul ceiling the issue measured on an
 # H100; ~790 on an H200), PER_RUN_TIMEOUT, ONLY (comma-separated run names), EXTRA (arguments added to
 # every run, e.g. "--repeats 20"), PROFILE (1, the default: also trace 3 steps of each run into
-# OUT_DIR/profile_<name> and summarise where the device time goes; 0: timing only), DRY_RUN (1: print
-# the commands, run nothing). On a machine without pip access, install the packages from wheels first
-# (launch/fetch_wheels.sh).
+# OUT_DIR/profile_<name> and summarise where the device time goes; 0: timing only),
+# XLA_CLIENT_MEM_FRACTION (0.92), DRY_RUN (1: print the commands, run nothing). On a machine without pip
+# access, install the packages from wheels first (launch/fetch_wheels.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -67,8 +67,9 @@ if [[ "$DRY_RUN" == 1 ]]; then
 fi
 mkdir -p "$OUT_DIR"
 # One process per GPU: let JAX take 92% of its memory rather than 75% (cuDNN and autotuning workspaces
-# come out of the same pool as the XL/2 step's 47 GiB).
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+# come out of the same pool as the XL/2 step's 47 GiB), unless a fraction is set under either of JAX's
+# names for it (setting both makes JAX's CUDA plugin fail to start).
+[[ -n "${XLA_CLIENT_MEM_FRACTION:-}${XLA_PYTHON_CLIENT_MEM_FRACTION:-}" ]] || export XLA_CLIENT_MEM_FRACTION=0.92
 
 {
   echo "# $(date -u +%Y-%m-%dT%H:%M:%SZ) $(hostname)"

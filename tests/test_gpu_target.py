@@ -5,6 +5,7 @@ attention included, with FLOPs checked against the analytic DiT count and the CP
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import re
 import subprocess
@@ -53,9 +54,13 @@ def test_a_real_gpu_is_matched_to_its_target_and_the_benchmark_reports_the_roofl
   Device.device_kind = "NVIDIA A100-SXM4-80GB"
   assert gpu_target.for_device(Device()) is None
   result = {"what": "train", "seconds_per_step": 0.25, "examples_per_second": 512.0, "roofline_ms": 200.0,
-            "roofline_ms_by_kind": {"matmul": 150.0, "fusion": 50.0}}
-  assert "roofline of the compiled step: 200.0 ms; the timed step (250.0 ms) runs at 80% of it" in \
-      benchmark.report(result, None).splitlines()
+            "roofline_ms_by_kind": {"matmul": 150.0, "fusion": 50.0}, "roofline_rematerialized_ms": 0.0}
+  lines = benchmark.report(result, None).splitlines()
+  assert "roofline of the compiled step: 200.0 ms; the timed step (250.0 ms) runs at 80% of it" in lines
+  assert not any("recompute" in line for line in lines)
+  result["roofline_rematerialized_ms"] = 12.5
+  assert "of which 12.5 ms recompute values: the step crossed XLA's memory limit for the GPU (fewer examples " \
+      "per device or micro-batch avoid that)" in benchmark.report(result, None).splitlines()
 
 
 def test_a_missing_plugin_is_one_line_with_the_install_command(monkeypatch):
@@ -139,9 +144,22 @@ def test_train_step_for_an_h100_counts_what_the_cpu_compiler_counts():
   assert gpu.memory["aliased"] > 0  # the donated state is updated in place
   cpu_flops = profiling.hlo_account(cpu.compiled.as_text(), 1.0, 1.0)["flops"]
   assert gpu.flops == pytest.approx(cpu_flops, rel=0.01)
+  assert profiling.hlo_account(gpu.compiled.as_text(), 1.0, 1.0)["rematerialized"]["kernels"] == 0  # 80 GB
   # The IMM step: forward + backward on x_t, forward on x_r: four forward passes of the analytic count.
   analytic = benchmark.dit_forward_flops(gpu.model.net, gpu.model.input_shape)
   assert gpu.flops == pytest.approx(benchmark.IMM_PASSES_PER_STEP * gpu.batch_size * analytic, rel=0.02)
+
+
+@pytest.mark.slow
+@needs_plugin
+def test_aot_reports_what_xla_recomputed_to_fit_a_small_gpu(monkeypatch):
+  """The digits step needs ~78 MB; compiled for an H100 with 64 MiB, XLA:GPU's rematerialisation pass
+  recomputes values to fit, and aot.describe gives those kernels and their share of the roofline."""
+  small = dataclasses.replace(gpu_target.TARGETS["h100"], memory_bytes=64 * 2**20)
+  monkeypatch.setitem(gpu_target.TARGETS, "small", small)
+  step = aot.compile_update_fn(digits_dit(), devices=gpu_target.devices("small", 1))
+  text = aot.describe(step, digits_dit(), small)
+  assert re.search(r"\n  recomputed: [1-9]\d* of the kernels, [0-9.]+ ms, added by XLA's rematerialisation pass", text)
 
 
 @pytest.mark.slow

@@ -102,7 +102,7 @@ def test_slurm_dry_run_prints_one_srun_task_per_node():
            PYTHON="/opt/venv/bin/python")
   assert r.returncode == 0, r.stderr
   export, srun = _commands(r.stdout)
-  assert export == ["export", "IMM_COORDINATOR=gpu-07:12355", "IMM_NUM_PROCESSES=4"]
+  assert export == ["export", "IMM_COORDINATOR=gpu-07:12355", "IMM_NUM_PROCESSES=4", "XLA_CLIENT_MEM_FRACTION=0.92"]
   assert srun[:4] == ["srun", "--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
   assert srun[4:6] == ["bash", "-c"]
   task = srun[6]
@@ -114,6 +114,16 @@ def test_slurm_dry_run_prints_one_srun_task_per_node():
   # The batch header asks SLURM for SIGTERM before the time limit (the trainer then saves and exits).
   header = open(SLURM).read()
   assert "#SBATCH --ntasks-per-node=1" in header and "#SBATCH --signal=TERM@" in header
+
+
+@pytest.mark.parametrize("name", ["XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"])
+def test_slurm_keeps_a_memory_fraction_set_under_either_name(name):
+  """JAX reads the fraction under a new and a deprecated name and refuses both at once (its CUDA plugin
+  does not start): a user's setting under either name stays the only one."""
+  r = _run(SLURM, DRY_RUN="1", CONFIG="configs/cifar10.py", WORKDIR="/x", **{name: "0.8"})
+  assert r.returncode == 0, r.stderr
+  export, _ = _commands(r.stdout)
+  assert [a.split("=")[0] for a in export[1:]] == ["IMM_COORDINATOR", "IMM_NUM_PROCESSES"], export
 
 
 def test_slurm_needs_config_and_workdir():
@@ -190,6 +200,7 @@ case "$*" in
   *) printf '{\n "examples_per_second": 567.26,\n "peak_memory_bytes": 1073741824\n}\n'
      echo "model FLOPs utilisation (analytic): 61.5% of 775 TFLOP/s per device"
      echo "profile: device busy 93% of the step; matmul 70%, attention 12% of the kernel time"
+     echo "memory fraction: ${XLA_CLIENT_MEM_FRACTION-unset} ${XLA_PYTHON_CLIENT_MEM_FRACTION-unset}"
      echo "XLA_FLAGS=$XLA_FLAGS";;
 esac
 """)
@@ -203,6 +214,7 @@ esac
   assert (out / "xl2_train_cublas.txt").read_text().splitlines()[-1] == \
       "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"  # the run's environment
   assert (out / "xl2_train.txt").read_text().splitlines()[-1] == "XLA_FLAGS="
+  assert "memory fraction: 0.92 unset" in (out / "xl2_train.txt").read_text()
   assert "567.3 per second, MFU 61.5%, peak 1.0 GiB" in summary
   assert "1234.5 per second, MFU n/a, peak 2.0 GiB" in summary
   assert "2100.0 per second, MFU 40.2% (XLA count), peak n/a" in summary  # DDPM++: no analytic count
@@ -210,6 +222,9 @@ esac
   assert "   profile: device busy 93% of the step; matmul 70%, attention 12%" in summary
   assert f"--profile_dir {out}/profile_xl2_train" in summary  # each run traces into its own folder
   assert (out / "xl2_train.txt").exists() and (out / "xl2_sample_8step_cfg.txt").exists()
-  only = _run(GPU_BENCH, str(tmp_path / "only"), PYTHON=str(fake), ONLY="b2_train", PROFILE="0")
+  # A fraction under JAX's deprecated name stays the only one (both at once stop JAX's CUDA plugin).
+  only = _run(GPU_BENCH, str(tmp_path / "only"), PYTHON=str(fake), ONLY="b2_train", PROFILE="0",
+              XLA_PYTHON_CLIENT_MEM_FRACTION="0.8")
   only_summary = (tmp_path / "only" / "summary.txt").read_text()
   assert only_summary.count("== ") == 1 and "--profile_dir" not in only_summary, only.stderr
+  assert "memory fraction: unset 0.8" in (tmp_path / "only" / "b2_train.txt").read_text()

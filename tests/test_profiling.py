@@ -179,6 +179,22 @@ def test_hlo_account_counts_flops_bytes_and_loops_by_hand():
   assert text.startswith(f"roofline: {a['roofline_ms']:.1f} ms per step at 1 TFLOP/s and 0.00 TB/s (9 kernels")
 
 
+def test_hlo_account_counts_what_xla_rematerialised():
+  """Kernels XLA's rematerialisation pass added (named <name>.remat[N][.N]) are counted apart, with their
+  time; free instructions it added (a bitcast) are not kernels. Without them describe_account is silent."""
+  assert profiling.hlo_account(HLO, 1e12, 1e9)["rematerialized"] == {"kernels": 0, "ms": 0}
+  assert "recomputed" not in profiling.describe_account(profiling.hlo_account(HLO, 1e12, 1e9))
+  text = HLO.replace("%add.9", "%add.9.remat2").replace(
+      "  %copy.2 = ", "  %b.remat.3 = bf16[128,256]{1,0} bitcast(%gemm_fusion_dot.1)\n  %copy.2 = ")
+  a = profiling.hlo_account(text, peak_flops=1e12, bandwidth=1e9)
+  # The loop body's fusion, 3 trips: result + one operand of f32[256,128] each time, at 1 GB/s.
+  assert a["rematerialized"]["kernels"] == 3
+  assert a["rematerialized"]["ms"] == pytest.approx(3 * 1e3 * 2 * 131072 / 1e9)
+  assert a["kernels"] == 9 and a["roofline_ms"] == pytest.approx(profiling.hlo_account(HLO, 1e12, 1e9)["roofline_ms"])
+  assert "  recomputed: 3 of the kernels, 0.79 ms, added by XLA's rematerialisation pass" in \
+      profiling.describe_account(a)
+
+
 def test_reduction_bytes_by_element_type():
   """Each all-reduce (sync or async start; a tuple counts every array) and reduce-scatter once, its
   result's bytes per element type; the async done halves and other collectives not at all."""
