@@ -374,9 +374,15 @@ def describe(program: CompiledStep | CompiledSampler, config,
   gpu_roofline = target is not None and not tpu
   text = program.compiled.as_text() if sums_across_devices or gpu_roofline else ""  # large for big models
   if sums_across_devices:
-    sums = profiling.reduction_bytes(text)
-    lines.append("summed across devices (all-reduce, reduce-scatter; each instruction once): " + (", ".join(
-        f"{dtype} {n / 1e6:.3f} MB" for dtype, n in sums.most_common()) or "nothing"))
+    def megabytes(sums):
+      return ", ".join(f"{dtype} {n / 1e6:.3f} MB" for dtype, n in sums.most_common())
+
+    lines.append("summed across devices (all-reduce, reduce-scatter; each instruction once): "
+                 + (megabytes(profiling.reduction_bytes(text)) or "nothing"))
+    in_loop = profiling.reduction_bytes(text, in_loops=True)
+    if accum > 1 and in_loop:
+      lines.append(f"  of which inside the accumulation loop, once per micro-batch ({accum} times a step): "
+                   + megabytes(in_loop))
   if tpu:
     if program.memory is not None:
       lines.append(f"that is {100 * program.memory['total'] / target.memory_bytes:.0f}% of the chip's "

@@ -353,14 +353,25 @@ def _trip_count(inst: dict) -> int | None:
   return int(n) if n is not None else None
 
 
-def reduction_bytes(text: str) -> collections.Counter:
+def reduction_bytes(text: str, in_loops: bool = False) -> collections.Counter:
   """Element type -> bytes of the arrays a compiled program's cross-device sums (all-reduce,
   reduce-scatter; each instruction once, wherever it sits) add up in it, e.g. Counter({'f32': ...}) for
-  a data-parallel step that sums its gradients in float32."""
+  a data-parallel step that sums its gradients in float32. ``in_loops``: only the sums inside loop
+  bodies, which run once per trip (with gradient accumulation: once per micro-batch, not per step)."""
   computations, _ = parse_hlo_module(text)
+  names = set(computations)
+  if in_loops:
+    names, todo = set(), [b for insts in computations.values() for i in insts if i["op"] == "while"
+                          for b in _called(i["attrs"], "body")]
+    while todo:  # the bodies and what they call
+      name = todo.pop()
+      if name not in names:
+        names.add(name)
+        todo += [c for i in computations.get(name, []) for key in ("body", "calls", "to_apply")
+                 for c in _called(i["attrs"], key)]
   found = collections.Counter()
-  for insts in computations.values():
-    for inst in insts:
+  for name in names:
+    for inst in computations.get(name, []):
       if inst["op"] in ("all-reduce", "all-reduce-start", "reduce-scatter"):
         for dtype, dims in _ARRAY.findall(inst["shape"]):
           found[dtype] += _array_bytes(f"{dtype}[{dims}]")

@@ -8,6 +8,7 @@ few real steps through that compiled step on random batches of the latents' shap
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -138,13 +139,18 @@ def test_cli_compiles_for_8_fake_devices_and_runs_steps():
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
   cmd = [sys.executable, "-m", "imm_jax.aot", "--config", "configs/imagenet256.py:XL/2-ts-a2", "--num_devices=8",
-         "--config.batch_size=32", "--config.model.depth=1", "--config.model.hidden_size=64",
-         "--config.model.num_heads=2", "--config.mesh.data=4", "--config.mesh.fsdp=2",
-         "--config.mesh.fsdp_min_size=1", "--steps=2"]
+         "--config.batch_size=64", "--config.grad_accum_steps=2", "--config.model.depth=1",
+         "--config.model.hidden_size=64", "--config.model.num_heads=2", "--config.mesh.data=4",
+         "--config.mesh.fsdp=2", "--config.mesh.fsdp_min_size=1", "--steps=2"]
   r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   out = r.stdout
-  assert "global batch 32 (4 per device) on 8 cpu devices, mesh data=4 x fsdp=2" in out
+  assert "global batch 64 (8 per device, 2 micro-batches) on 8 cpu devices, mesh data=4 x fsdp=2" in out
+  # The cross-device sums, and those XLA left in the accumulation loop (XLA:CPU: all of them).
+  total, in_loop = (float(re.search(r"f32 ([0-9.]+) MB", line).group(1)) for line in out.splitlines()
+                    if line.startswith(("summed across devices", "  of which inside the accumulation loop, "
+                                        "once per micro-batch (2 times a step): ")))
+  assert 0 < in_loop <= total
   assert "memory per device: arguments" in out and "temporaries" in out and "total" in out
   assert "FLOPs per step:" in out and "step 2: loss" in out
 

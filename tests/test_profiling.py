@@ -206,19 +206,36 @@ def test_reduction_bytes_by_element_type():
   ROOT %c = f32[] add(%a, %b)
 }
 
-ENTRY %main (g: f32[1024], h: bf16[64], k: f32[8,16]) -> f32[1024] {
+ENTRY %main (g: f32[1024], h: bf16[64], k: f32[8,16], s: (s32[], f32[256])) -> f32[1024] {
   %g = f32[1024]{0} parameter(0)
   %h = bf16[64]{0} parameter(1)
   %k = f32[8,16]{1,0} parameter(2)
+  %s = (s32[], f32[256]{0}) parameter(3)
   %ar = (f32[1024]{0}, bf16[64]{0}) all-reduce(%g, %h), replica_groups={{0,1}}, to_apply=%sum
   %ars = f32[8,16]{1,0} all-reduce-start(%k), replica_groups={{0,1}}, to_apply=%sum
   %ard = f32[8,16]{1,0} all-reduce-done(%ars)
   %rs = f32[512]{0} reduce-scatter(%g), replica_groups={{0,1}}, dimensions={0}, to_apply=%sum
   %ag = f32[2048]{0} all-gather(%g), replica_groups={{0,1}}, dimensions={0}
+  %loop = (s32[], f32[256]{0}) while(%s), condition=%cond, body=%body
   ROOT %out = f32[1024]{0} get-tuple-element(%ar), index=0
 }
+
+%body (state: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %state = (s32[], f32[256]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%state), index=0
+  %acc = f32[256]{0} get-tuple-element(%state), index=1
+  %grad = f32[256]{0} call(%acc), to_apply=%inner
+  ROOT %t = (s32[], f32[256]{0}) tuple(%i, %grad)
+}
+
+%inner (x: f32[256]) -> f32[256] {
+  %x = f32[256]{0} parameter(0)
+  ROOT %r = f32[256]{0} all-reduce(%x), replica_groups={{0,1}}, to_apply=%sum
+}
 """
-  assert profiling.reduction_bytes(text) == {"f32": 4 * (1024 + 128 + 512), "bf16": 2 * 64}
+  # The one in the loop body (through the computation the body calls) is counted once, and alone with in_loops.
+  assert profiling.reduction_bytes(text) == {"f32": 4 * (1024 + 128 + 512 + 256), "bf16": 2 * 64}
+  assert profiling.reduction_bytes(text, in_loops=True) == {"f32": 4 * 256}
 
 
 def test_hlo_account_of_a_cpu_compile_matches_the_closed_form():
