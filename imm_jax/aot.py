@@ -377,10 +377,11 @@ def describe(program: CompiledStep | CompiledSampler, config,
     def megabytes(sums):
       return ", ".join(f"{dtype} {n / 1e6:.3f} MB" for dtype, n in sums.most_common())
 
+    sums = profiling.reduction_bytes(text)
     lines.append("summed across devices (all-reduce, reduce-scatter; each instruction once): "
-                 + (megabytes(profiling.reduction_bytes(text)) or "nothing"))
+                 + (megabytes(sums) or "nothing"))
     in_loop = profiling.reduction_bytes(text, in_loops=True)
-    if accum > 1 and in_loop:
+    if accum > 1 and sum(in_loop.values()) >= 1e-3 * sum(sums.values()):  # not just the metrics' scalars
       lines.append(f"  of which inside the accumulation loop, once per micro-batch ({accum} times a step): "
                    + megabytes(in_loop))
   if tpu:

@@ -367,8 +367,8 @@ def reduction_bytes(text: str, in_loops: bool = False) -> collections.Counter:
       name = todo.pop()
       if name not in names:
         names.add(name)
-        todo += [c for i in computations.get(name, []) for key in ("body", "calls", "to_apply")
-                 for c in _called(i["attrs"], key)]
+        todo += [c for i in computations.get(name, [])
+                 for key in ("body", "calls", "to_apply", "branch_computations") for c in _called(i["attrs"], key)]
   found = collections.Counter()
   for name in names:
     for inst in computations.get(name, []):
