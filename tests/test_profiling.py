@@ -197,7 +197,8 @@ def test_hlo_account_counts_what_xla_rematerialised():
 
 def test_reduction_bytes_by_element_type():
   """Each all-reduce (sync or async start; a tuple counts every array) and reduce-scatter once, its
-  result's bytes per element type; the async done halves and other collectives not at all."""
+  result's bytes per element type; the async done halves and other collectives not at all. With
+  ``in_loops``, only those in loop bodies and what they call."""
   text = """HloModule m
 
 %sum (a: f32[], b: f32[]) -> f32[] {
