@@ -236,17 +236,14 @@ class Dense(nn.Module):
   :func:`dense`."""
 
   features: int
-  use_bias: bool = True
   kernel_init: Any = nn.initializers.lecun_normal()
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
-    y = dense(x.astype(self.dtype), kernel)
-    if self.use_bias:
-      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
-    return y
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    return dense(x.astype(self.dtype), kernel) + bias.astype(self.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
