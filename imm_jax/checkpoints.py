@@ -52,6 +52,22 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter=None, 
   return manager.save(step, args=ocp.args.Composite(**items), force=force)
 
 
+def no_checkpoint_message(workdir: str) -> str:
+  return (f"no checkpoint in {checkpoint_dir(workdir)}: train first (python -m imm_jax.train --workdir "
+          f"{workdir}) or convert one (python -m imm_jax.convert --out {workdir})")
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of ``workdir``'s finished checkpoints, oldest first ([] when there are none yet)."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return []
+  manager = create_manager(workdir, read_only=True, async_save=False)
+  try:
+    return sorted(int(s) for s in manager.all_steps())
+  finally:
+    manager.close()
+
+
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iter=None, step: int | None = None):
   """Restore the train state (onto the shardings carried by ``abstract_state``) and the iterator."""
   step = manager.latest_step() if step is None else step
@@ -75,9 +91,7 @@ def restore_ema_variables(workdir: str, abstract_params: Any, step: int | None =
   manager = create_manager(workdir, read_only=True, async_save=False)
   step = manager.latest_step() if step is None else step
   if step is None:
-    raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)}: train first "
-                            f"(python -m imm_jax.train --workdir {workdir}) or convert one "
-                            f"(python -m imm_jax.convert --out {workdir})")
+    raise FileNotFoundError(no_checkpoint_message(workdir))
   item = {"ema_params": abstract_params}
   saved_buffers = _saved_buffers(manager, step)
   if saved_buffers is not None:

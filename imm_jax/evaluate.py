@@ -4,6 +4,7 @@
   python -m imm_jax.evaluate --workdir DIR --steps 1 2 4 8 --cfg-scale 1.5 --num 50000 \\
       --ref VIRTUAL_imagenet256_labeled.npz --vae sd-vae-ft-ema        # latent models: decoded images
   python -m imm_jax.evaluate --workdir workdirs/digits --steps 1 2 4 --num 2000   # no download
+  python -m imm_jax.evaluate --workdir DIR --checkpoint-step all --steps 1 2 --num 10000 --ref REF.npz
   python -m imm_jax.evaluate ref --data configs/cifar10.py --out refs/cifar10-train.npz
 
 Metrics (``--metrics``; default ``fid`` when ``--ref`` is given, else ``distance``):
@@ -22,6 +23,11 @@ all local devices, hosts in turn, resumable: a finished shard is never recompute
 Inception features and logits or the samples the metrics need), then reported in ``DIR/eval/<tag>.json``
 with a sample grid ``DIR/eval/<tag>.png``. ``<tag>`` names the checkpoint step, the setting and N, so a
 rerun of the same command reuses the shards and reports the same numbers.
+
+Over training: a report computed for the first time also goes to TensorBoard and ``metrics.jsonl`` in
+``DIR/eval`` at its checkpoint's training step, and ``DIR/eval/curves.png`` plots FID and energy
+distance against the training step. ``--checkpoint-step all`` evaluates every checkpoint the workdir
+keeps, oldest first; ``--watch`` then follows a running training until the checkpoint at its last step.
 
 ``ref`` computes reference statistics in the EDM format for any dataset the trainer reads: ``--data``
 is a workdir (its training data), a config file (``configs/cifar10.py[:variant]``), or a folder /
@@ -45,7 +51,8 @@ from imm_jax.io_utils import fail
 
 METRICS = ("fid", "distance")
 
-__all__ = ["evaluate", "compute_reference", "main", "METRICS"]
+__all__ = ["evaluate", "evaluate_checkpoints", "log_results", "write_curves", "compute_reference", "main",
+           "METRICS"]
 
 
 class _UsageError(ValueError):
@@ -62,6 +69,17 @@ def _inception_fingerprint(variables) -> str:
   return f"{len(leaves)}:{float(np.sum(np.asarray(leaves[0], np.float64))):.9e}"
 
 
+def _resolve_metrics(metrics: Sequence[str] | None, ref: str | None) -> tuple[str, ...]:
+  metrics = tuple(metrics or (("fid",) if ref else ("distance",)))
+  unknown = sorted(set(metrics) - set(METRICS))
+  if unknown:
+    raise _UsageError(f"--metrics {' '.join(unknown)}: unknown; choose from {' '.join(METRICS)}")
+  if "fid" in metrics and not ref:
+    raise _UsageError("--metrics fid needs --ref REF.npz (reference statistics: EDM's fid-refs, ADM's "
+                      "reference batches, or python -m imm_jax.evaluate ref --data ... --out REF.npz)")
+  return metrics
+
+
 def evaluate(workdir: str, steps: Sequence[int] = (1, 2, 4, 8), *, num: int = 50_000, ref: str | None = None,
              metrics: Sequence[str] | None = None, cfg_scales: Sequence[float | None] = (None,),
              schedule: str | None = None, mid_etas=None, sampler: str | None = None, seed: int = 0,
@@ -70,7 +88,11 @@ def evaluate(workdir: str, steps: Sequence[int] = (1, 2, 4, 8), *, num: int = 50
              vae: str | None = None, out_dir: str | None = None, progress: bool = True) -> list[dict]:
   """Sample ``num`` examples per (steps, cfg scale) and report ``metrics``; returns one dict per setting
   (also written to ``<out_dir>/<tag>.json`` by process 0). ``extractor``: an
-  :class:`~imm_jax.evaluation.fid.InceptionExtractor` to use instead of loading ``inception``."""
+  :class:`~imm_jax.evaluation.fid.InceptionExtractor` to use instead of loading ``inception``.
+
+  A report written for the first time also goes to TensorBoard and ``<out_dir>/metrics.jsonl`` at the
+  checkpoint's training step (:func:`log_results`), and ``<out_dir>/curves.png`` is drawn again
+  (:func:`write_curves`)."""
   import jax
 
   from imm_jax import images as images_lib
@@ -79,13 +101,7 @@ def evaluate(workdir: str, steps: Sequence[int] = (1, 2, 4, 8), *, num: int = 50
   from imm_jax.generation import Generator, read_shards, write_shards
   from imm_jax.io_utils import atomic_open
 
-  metrics = tuple(metrics or (("fid",) if ref else ("distance",)))
-  unknown = sorted(set(metrics) - set(METRICS))
-  if unknown:
-    raise _UsageError(f"--metrics {' '.join(unknown)}: unknown; choose from {' '.join(METRICS)}")
-  if "fid" in metrics and not ref:
-    raise _UsageError("--metrics fid needs --ref REF.npz (reference statistics: EDM's fid-refs, ADM's "
-                      "reference batches, or python -m imm_jax.evaluate ref --data ... --out REF.npz)")
+  metrics = _resolve_metrics(metrics, ref)
   # Everything that can fail without sampling fails first: workdir, reference, weights, held-out data.
   generator = Generator(workdir, checkpoint_step=checkpoint_step, vae=vae, require_images="fid" in metrics)
   model = generator.model
@@ -106,7 +122,7 @@ def evaluate(workdir: str, steps: Sequence[int] = (1, 2, 4, 8), *, num: int = 50
   distance_num = min(distance_num, num)
 
   out_dir = _eval_dir(workdir, out_dir)
-  results = []
+  results, new = [], []
   for scale in cfg_scales:
     for n_steps in steps:
       setting = generator.setting(int(n_steps), schedule=schedule, mid_etas=mid_etas, sampler=sampler,
@@ -162,21 +178,174 @@ def evaluate(workdir: str, steps: Sequence[int] = (1, 2, 4, 8), *, num: int = 50
                          space="model space, flattened") if eval_x is not None else None),
           shards=len(paths), grid=grid_path if os.path.exists(grid_path) else None,
           seconds=round(time.time() - t0, 1), date=datetime.datetime.now().isoformat(timespec="seconds"))
-      with atomic_open(os.path.join(out_dir, tag + ".json"), "w") as f:
+      report = os.path.join(out_dir, tag + ".json")
+      if not os.path.exists(report):
+        new.append(result)
+      with atomic_open(report, "w") as f:
         json.dump(result, f, indent=1)
       results.append(result)
+  if new:
+    log_results(out_dir, new)
+    write_curves(out_dir)
   return results
+
+
+def _label(tag: str) -> str:
+  """A report's tag without its checkpoint: ``ckpt400000_2step_..._n50000`` -> ``2step_..._n50000``."""
+  return tag.split("_", 1)[1]
+
+
+def log_results(out_dir: str, results: Sequence[dict]):
+  """Reports into TensorBoard and ``<out_dir>/metrics.jsonl``, at each one's checkpoint step: the
+  figures as scalars ``<metric>/<setting>`` (e.g. ``fid/2step_default_pushforward_cfg1.5_seed0_n50000``),
+  the sample grid as image ``samples/<setting>``."""
+  from PIL import Image
+
+  from imm_jax.writers import MetricWriter
+
+  writer = MetricWriter(out_dir)
+  try:
+    for r in results:
+      label, step = _label(r["tag"]), int(r["checkpoint_step"])
+      writer.write_scalars(step, {f"{k}/{label}": v for k, v in r["metrics"].items()})
+      if r.get("grid"):
+        with Image.open(r["grid"]) as picture:
+          writer.write_images(step, {f"samples/{label}": np.asarray(picture.convert("RGB"))})
+  finally:
+    writer.close()
+
+
+CURVES_FILE = "curves.png"
+_CURVE_METRICS = (("fid", "FID"), ("energy_distance", "energy distance"))
+
+
+def write_curves(out_dir: str) -> str | None:
+  """``<out_dir>/curves.png``: FID and energy distance against the training step, one line per setting
+  (steps, schedule, sampler, guidance, seed, N), from every report in ``out_dir``. Returns its path, or
+  None (nothing written) while no setting has been evaluated at two checkpoints."""
+  import glob
+
+  from imm_jax import images as images_lib
+
+  series: dict[str, dict[str, dict[int, float]]] = {}
+  for path in sorted(glob.glob(os.path.join(out_dir, "ckpt*_*.json"))):
+    with open(path) as f:
+      r = json.load(f)
+    for key, _ in _CURVE_METRICS:
+      value = r.get("metrics", {}).get(key)
+      if value is not None and np.isfinite(value) and value > 0:
+        series.setdefault(key, {}).setdefault(_label(r["tag"]), {})[int(r["checkpoint_step"])] = value
+  panels = [images_lib.line_chart(series[key], title=f"{name} vs training step (y: log scale)")
+            for key, name in _CURVE_METRICS
+            if any(len(points) > 1 for points in series.get(key, {}).values())]
+  if not panels:
+    return None
+  return images_lib.save_png(os.path.join(out_dir, CURVES_FILE), images_lib.side_by_side(panels))
+
+
+def evaluate_checkpoints(workdir: str, steps: Sequence[int] = (1, 2, 4, 8), *, watch: bool = False,
+                         poll_seconds: float = 60.0, ref: str | None = None, metrics: Sequence[str] | None = None,
+                         inception: str | None = None, download: bool = False, extractor=None,
+                         out_dir: str | None = None, progress: bool = True, **kwargs) -> list[dict]:
+  """:func:`evaluate` at every checkpoint ``workdir`` keeps, oldest first: how the figures move over
+  training (TensorBoard, ``<out_dir>/curves.png``). A checkpoint evaluated before costs only reading
+  its shards back.
+
+  ``watch``: then wait for the checkpoints a running training writes (looking every ``poll_seconds``)
+  and evaluate each, until the one at the run's ``num_steps``; the workdir may not hold a checkpoint
+  yet. Which checkpoints survive is ``config.checkpoint.keep`` / ``keep_period``; one deleted before its
+  turn is skipped with a note. The reference statistics and Inception weights are loaded first, so
+  they fail at once rather than at the first checkpoint.
+  """
+  import jax
+
+  from imm_jax import checkpoints
+  from imm_jax.evaluation import fid as fid_lib
+
+  metrics = _resolve_metrics(metrics, ref)
+  if "fid" in metrics:
+    fid_lib.load_statistics(ref)
+    if extractor is None:
+      extractor = fid_lib.InceptionExtractor(weights=inception, allow_download=download,
+                                             devices=jax.local_devices())
+  is_main = jax.process_index() == 0
+  done: set[int] = set()
+  results: list[dict] = []
+  waiting = False  # said so already
+  while True:
+    available = _agree_on_steps(checkpoints.saved_steps(workdir))
+    if not available and not watch:
+      raise FileNotFoundError(checkpoints.no_checkpoint_message(workdir))
+    todo = [step for step in available if step not in done]
+    for step in todo:
+      try:
+        part = evaluate(workdir, steps, ref=ref, metrics=metrics, extractor=extractor, checkpoint_step=step,
+                        out_dir=out_dir, progress=progress, **kwargs)
+      except Exception:  # a checkpoint that vanished while it was read is the trainer's retention
+        if step in checkpoints.saved_steps(workdir):
+          raise
+        if is_main:
+          print(f"checkpoint {step} was deleted before its turn (config.checkpoint.keep / keep_period); "
+                "skipped", flush=True)
+        part = []
+      done.add(step)
+      results.extend(part)
+      if part and progress:
+        print(format_table(part), flush=True)
+    if not watch:
+      return results
+    final = _final_step(workdir)
+    if final is not None and any(step >= final for step in done):
+      return results
+    if todo:
+      waiting = False
+      continue
+    if is_main and progress and not waiting:
+      last = f"after step {max(done)} " if done else ""
+      print(f"waiting for checkpoints of {workdir} {last}(looking every {poll_seconds:g} s; the run ends at "
+            f"step {final if final is not None else '?'})", flush=True)
+    waiting = True
+    _wait(poll_seconds)
+
+
+def _wait(seconds: float):
+  time.sleep(seconds)
+
+
+def _final_step(workdir: str) -> int | None:
+  """The run's last step (``num_steps`` of its config.json; None before training has written it)."""
+  from imm_jax import checkpoints
+
+  if not os.path.exists(os.path.join(workdir, checkpoints.CONFIG_FILE)):
+    return None
+  return int(checkpoints.read_config(workdir).num_steps)
+
+
+def _agree_on_steps(steps: list[int], limit: int = 1024) -> list[int]:
+  """Process 0's list of checkpoint steps on every process (hosts may list a folder that is being
+  written at slightly different moments); at most ``limit`` steps at a time."""
+  import jax
+
+  if jax.process_count() == 1:
+    return steps
+  from jax.experimental import multihost_utils
+
+  buf = np.full(limit, -1, np.int32)
+  buf[:min(len(steps), limit)] = steps[:limit]
+  buf = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+  return [int(step) for step in buf if step >= 0]
 
 
 def format_table(results: Sequence[dict]) -> str:
   """The results as a Markdown table (one row per setting)."""
   keys = [k for k in ("fid", "is_mean", "energy_distance", "mmd_rbf") if any(k in r["metrics"] for r in results)]
-  lines = ["| steps | cfg | sampler | schedule | N | " + " | ".join(keys) + " |",
-           "|---" * (5 + len(keys)) + "|"]
+  lines = ["| checkpoint | steps | cfg | sampler | schedule | N | " + " | ".join(keys) + " |",
+           "|---" * (6 + len(keys)) + "|"]
   for r in results:
     s = r["setting"]
     values = " | ".join(f"{r['metrics'][k]:.4g}" if k in r["metrics"] else "" for k in keys)
-    lines.append(f"| {s['steps']} | {s['cfg_scale']:g} | {s['sampler']} | {s['schedule']} | {r['num']} | {values} |")
+    lines.append(f"| {r['checkpoint_step']} | {s['steps']} | {s['cfg_scale']:g} | {s['sampler']} | "
+                 f"{s['schedule']} | {r['num']} | {values} |")
   return "\n".join(lines)
 
 
@@ -265,7 +434,13 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--batch-size", type=int, default=256, help="Samples per device in one sampler call.")
   p.add_argument("--shard-size", type=int, default=1000, help="Samples per shard (the unit of resumption).")
-  p.add_argument("--checkpoint-step", type=int, help="Checkpoint step (default: latest).")
+  p.add_argument("--checkpoint-step", type=_checkpoint_step, help="Checkpoint step (default: latest), or "
+                 "'all': every checkpoint the workdir keeps, oldest first (figures over training: "
+                 "TensorBoard and OUT_DIR/curves.png).")
+  p.add_argument("--watch", action="store_true", help="--checkpoint-step all, then evaluate each checkpoint "
+                 "a running training writes, until the one at its last step.")
+  p.add_argument("--poll-seconds", type=float, default=60.0, help="--watch: how often to look for new "
+                 "checkpoints.")
   p.add_argument("--inception", help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth or .npz).")
   p.add_argument("--download", action="store_true", help="Fetch the Inception weights if missing.")
   p.add_argument("--distance-num", type=int, default=5000, help="Samples (and held-out examples) used by "
@@ -273,6 +448,15 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--vae", help="Latent models: the SD-VAE folder that decodes samples to images.")
   p.add_argument("--out-dir", help="Where shards, JSON and grids go (default: WORKDIR/eval).")
   return p
+
+
+def _checkpoint_step(value: str):
+  if value == "all":
+    return value
+  try:
+    return int(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a step number or 'all', got {value!r}") from None
 
 
 def _ref_parser() -> argparse.ArgumentParser:
@@ -308,17 +492,30 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   from imm_jax import distributed
   distributed.initialize()
+  options = dict(num=args.num, ref=args.ref, metrics=args.metrics, cfg_scales=args.cfg_scale,
+                 schedule=args.schedule, mid_etas=args.mid_etas, sampler=args.sampler, seed=args.seed,
+                 batch_size=args.batch_size, shard_size=args.shard_size, inception=args.inception,
+                 download=args.download, distance_num=args.distance_num, vae=args.vae, out_dir=args.out_dir)
+  over_training = args.watch or args.checkpoint_step == "all"
   try:
-    results = evaluate(args.workdir, args.steps, num=args.num, ref=args.ref, metrics=args.metrics,
-                       cfg_scales=args.cfg_scale, schedule=args.schedule, mid_etas=args.mid_etas,
-                       sampler=args.sampler, seed=args.seed, batch_size=args.batch_size,
-                       shard_size=args.shard_size, checkpoint_step=args.checkpoint_step, inception=args.inception,
-                       download=args.download, distance_num=args.distance_num, vae=args.vae, out_dir=args.out_dir)
+    if args.watch and args.checkpoint_step not in (None, "all"):
+      raise _UsageError(f"--watch evaluates every checkpoint: drop --checkpoint-step {args.checkpoint_step}")
+    if args.poll_seconds <= 0:
+      raise _UsageError(f"--poll-seconds={args.poll_seconds:g}: must be > 0")
+    if over_training:
+      results = evaluate_checkpoints(args.workdir, args.steps, watch=args.watch, poll_seconds=args.poll_seconds,
+                                     **options)
+    else:
+      results = evaluate(args.workdir, args.steps, checkpoint_step=args.checkpoint_step, **options)
   except errors as e:
     fail(str(e))
+  out_dir = _eval_dir(args.workdir, args.out_dir)
   if results:
-    print(format_table(results))
-    print(f"results in {_eval_dir(args.workdir, args.out_dir)}/<tag>.json and <tag>.png")
+    if not over_training:  # evaluate_checkpoints printed each checkpoint's table as it finished
+      print(format_table(results))
+    print(f"results in {out_dir}/<tag>.json and <tag>.png; TensorBoard: tensorboard --logdir {out_dir}")
+    if os.path.exists(os.path.join(out_dir, CURVES_FILE)):
+      print(f"figures against the training step: {os.path.join(out_dir, CURVES_FILE)}")
   return 0
 
 

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from imm_jax.io_utils import atomic_open
 
-__all__ = ["make_grid", "save_png", "upscale_nearest", "scatter_image", "side_by_side"]
+__all__ = ["make_grid", "save_png", "upscale_nearest", "scatter_image", "side_by_side", "line_chart"]
 
 SAMPLE_COLOR = (31, 58, 147)  # dark blue: the model's samples
 REFERENCE_COLOR = (200, 200, 200)  # light grey: data, drawn underneath
 FRAME_COLOR = (90, 90, 90)
+# Line colours of line_chart, in the order series are given.
+LINE_COLORS = ((31, 58, 147), (90, 140, 220), (150, 150, 150), (200, 30, 30), (20, 150, 60), (230, 140, 0),
+               (140, 60, 170), (0, 150, 160))
 
 
 def _check_uint8(images: np.ndarray, what: str) -> np.ndarray:
@@ -201,3 +204,110 @@ def side_by_side(
             draw.text((off + 1, 1), str(label), fill=text_color)
         out = np.asarray(pil).copy()
     return out
+
+
+def _tick_label(v: float) -> str:
+    """50000 -> '50k', 1.5e6 -> '1.5M', 0.05 -> '0.05'."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale:
+            return f"{v / scale:g}{suffix}"
+    return f"{v:g}"
+
+
+def _linear_ticks(lo: float, hi: float, count: int = 5, min_step: float = 0.0) -> list[float]:
+    """Round values (1, 2 or 5 times a power of ten apart, at least ``min_step``) in [lo, hi]."""
+    raw = (hi - lo) / max(count, 1)
+    step = 10.0 ** math.floor(math.log10(raw))
+    step = max(step * next(m for m in (1, 2, 5, 10) if m * step >= raw), min_step)
+    first = math.ceil(lo / step - 1e-9)
+    return [k * step for k in range(first, int(math.floor(hi / step + 1e-9)) + 1)]
+
+
+def line_chart(
+    series: Mapping[str, Mapping[float, float]],
+    *,
+    title: str,
+    x_scale: str = "linear",
+    y_scale: str = "log",
+    floor: float | None = None,
+    floor_label: str = "",
+    size: tuple[int, int] = (560, 400),
+) -> np.ndarray:
+    """A line chart as an RGB uint8 image: one polyline with dots per named series of ``{x: y}``
+    points, in :data:`LINE_COLORS` order, with a legend under the axes.
+
+    ``x_scale``: ``linear`` (round ticks, e.g. training steps) or ``log2`` (a tick at every x, e.g.
+    sampling steps 1, 2, 4, 8). ``y_scale``: ``log`` (ticks at 1, 2, 5 times powers of ten; values
+    <= 0 are left out) or ``linear``. ``floor``: a horizontal grey line (e.g. what real data scores),
+    captioned ``floor_label``. Non-finite values are left out.
+    """
+    if x_scale not in ("linear", "log2") or y_scale not in ("linear", "log"):
+        raise ValueError(f"x_scale must be linear|log2 and y_scale linear|log, got {x_scale!r}, {y_scale!r}")
+    from PIL import Image, ImageDraw
+
+    def usable(x, y):
+        return (math.isfinite(x) and math.isfinite(y) and (x_scale == "linear" or x > 0)
+                and (y_scale == "linear" or y > 0))
+
+    lines = {name: sorted((float(x), float(y)) for x, y in points.items() if usable(float(x), float(y)))
+             for name, points in series.items()}
+    xs = [x for pts in lines.values() for x, _ in pts]
+    ys = [y for pts in lines.values() for _, y in pts]
+    if not xs:
+        raise ValueError(f"line_chart {title!r}: no point to draw")
+    if floor is not None and usable(xs[0], floor):
+        ys.append(floor)
+    fx = math.log2 if x_scale == "log2" else float
+    fy = math.log10 if y_scale == "log" else float
+    x_lo, x_hi = fx(min(xs)), fx(max(xs))
+    y_lo, y_hi = fy(min(ys)), fy(max(ys))
+    pad = 0.1 if y_scale == "log" else 0.05 * (y_hi - y_lo)
+    y_lo, y_hi = y_lo - (pad or 0.5), y_hi + (pad or 0.5)
+    if x_hi == x_lo:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    x_pad = 0.03 * (x_hi - x_lo)  # dots at the ends stay clear of the frame
+    x_lo, x_hi = x_lo - x_pad, x_hi + x_pad
+    w, h = size
+    left, right, top, bottom = 60, 20, 24, 40 + 12 * len(lines)
+    plot_w, plot_h = w - left - right, h - top - bottom
+
+    def to_xy(x, y):
+        return (left + plot_w * (fx(x) - x_lo) / (x_hi - x_lo), top + plot_h * (1 - (fy(y) - y_lo) / (y_hi - y_lo)))
+
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline=FRAME_COLOR)
+    y_ticks = []
+    if y_scale == "log":
+        y_ticks = [m * 10.0**e for e in range(math.floor(y_lo), math.ceil(y_hi) + 1) for m in (1, 2, 5)
+                   if y_lo <= math.log10(m * 10.0**e) <= y_hi]
+    if len(y_ticks) < 2:  # a linear axis, or a log one spanning less than a 1-2-5 step
+        y_ticks = [v for v in _linear_ticks(*(10**v if y_scale == "log" else v for v in (y_lo, y_hi)))
+                   if y_scale == "linear" or v > 0]
+    for v in y_ticks:
+        _, y = to_xy(min(xs), v)
+        draw.line([left - 4, y, left, y], fill=FRAME_COLOR)
+        draw.text((2, y - 6), _tick_label(v), fill=(0, 0, 0))
+    integers = all(float(x).is_integer() for x in xs)
+    x_ticks = sorted(set(xs)) if x_scale == "log2" else _linear_ticks(x_lo, x_hi, min_step=1.0 if integers else 0.0)
+    for v in x_ticks:
+        x, _ = to_xy(v, ys[0])
+        draw.line([x, top + plot_h, x, top + plot_h + 4], fill=FRAME_COLOR)
+        label = _tick_label(v)
+        draw.text((x - 3 * len(label), top + plot_h + 6), label, fill=(0, 0, 0))
+    if floor is not None and usable(xs[0], floor):
+        _, y = to_xy(min(xs), floor)
+        draw.line([left, y, left + plot_w, y], fill=REFERENCE_COLOR)
+        draw.text((left + plot_w - 6 * len(floor_label) - 4, y - 12), floor_label, fill=(120, 120, 120))
+    for i, (name, pts) in enumerate(lines.items()):
+        color = LINE_COLORS[i % len(LINE_COLORS)]
+        xy = [to_xy(x, y) for x, y in pts]
+        if len(xy) > 1:
+            draw.line(xy, fill=color, width=2)
+        for x, y in xy:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
+        ly = top + plot_h + 20 + 12 * i
+        draw.line([left, ly + 5, left + 20, ly + 5], fill=color, width=2)
+        draw.text((left + 26, ly), name, fill=(0, 0, 0))
+    draw.text((left, 4), title, fill=(0, 0, 0))
+    return np.asarray(img)

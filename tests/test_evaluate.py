@@ -68,14 +68,10 @@ def test_shards_equal_single_file_and_resume_skips_finished(workdir, tmp_path):
     sample_to_shards(workdir, out, steps=1, num=10, shard_size=4, batch_size=3, progress=False)
 
 
-@pytest.mark.slow
-def test_two_hosts_share_the_shards(workdir, tmp_path):
-  """Two processes (jax.distributed on localhost) take shards in turn and wait for each other; together
-  they write exactly the single-process samples."""
+def _run_two_hosts(command):
+  """``command`` as processes 0 and 1 of a two-process jax.distributed job on localhost."""
   from test_scale import _env, _free_port
-  port, out = _free_port(), str(tmp_path / "two_hosts")
-  command = [sys.executable, "-m", "imm_jax.sample", f"--workdir={workdir}", "--steps=2", "--num=10",
-             "--shard-size=3", "--batch-size=2", "--nopng", f"--out={out}"]
+  port = _free_port()
   procs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=_env(1, IMM_COORDINATOR=f"127.0.0.1:{port}", IMM_NUM_PROCESSES="2",
                                      IMM_PROCESS_ID=str(i)))
@@ -83,6 +79,16 @@ def test_two_hosts_share_the_shards(workdir, tmp_path):
   for proc in procs:
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log[-3000:]
+
+
+@pytest.mark.slow
+def test_two_hosts_share_the_shards(workdir, tmp_path):
+  """Two processes (jax.distributed on localhost) take shards in turn and wait for each other; together
+  they write exactly the single-process samples."""
+  out = str(tmp_path / "two_hosts")
+  command = [sys.executable, "-m", "imm_jax.sample", f"--workdir={workdir}", "--steps=2", "--num=10",
+             "--shard-size=3", "--batch-size=2", "--nopng", f"--out={out}"]
+  _run_two_hosts(command)
   paths = generation.shard_paths(out)
   assert len(paths) == 4
   single = sample_to_file(workdir, str(tmp_path / "one.npz"), steps=2, num=10, progress=False)
@@ -139,6 +145,13 @@ def test_evaluate_errors_are_one_line(workdir, tmp_path):
   assert code == 2 and len(lines) == 1 and "--workdir" in lines[0]
   code, lines = run("ref", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "r.npz"))
   assert code == 2 and len(lines) == 1 and "--data" in lines[0]
+  code, lines = run("--workdir", workdir, "--watch", "--checkpoint-step", "3", "--num", "4")
+  assert code == 2 and len(lines) == 1 and "--checkpoint-step 3" in lines[0]
+  code, lines = run("--workdir", str(tmp_path), "--checkpoint-step", "all", "--num", "4")
+  assert code == 2 and len(lines) == 1 and "no checkpoint" in lines[0] and "imm_jax.train" in lines[0]
+  r = subprocess.run([sys.executable, "-m", "imm_jax.evaluate", "--workdir", workdir, "--checkpoint-step", "last"],
+                     capture_output=True, text=True, cwd=REPO)
+  assert r.returncode == 2 and "--checkpoint-step: expected a step number or 'all'" in r.stderr
   assert not os.path.exists(os.path.join(workdir, "eval", "ckpt3_1step_default_pushforward_cfg1_seed0_n4"))
 
 
@@ -185,6 +198,114 @@ def test_killed_evaluation_resumes_with_identical_numbers(workdir, tmp_path):
     resumed, uninterrupted = json.load(f)["metrics"], json.load(g)["metrics"]
   assert resumed == uninterrupted
   assert set(resumed) == {"fid", "is_mean", "is_std", "energy_distance", "mmd_rbf"}
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+  """A 4-step run with checkpoints at steps 2 and 4."""
+  from conftest import make_tiny_digits
+  path = str(tmp_path_factory.mktemp("evaluate") / "run2")
+  c = make_tiny_digits(4)
+  c.checkpoint.every = 2
+  train_and_evaluate(c, path)
+  return path
+
+
+def _over_training(workdir, out_dir, **kwargs):
+  return evaluate_lib.evaluate_checkpoints(workdir, [1, 2], num=12, metrics=["distance"], distance_num=12,
+                                           shard_size=6, batch_size=4, out_dir=out_dir, progress=False, **kwargs)
+
+
+def test_evaluate_every_checkpoint_logs_figures_against_the_training_step(two_checkpoints, tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator
+  from imm_jax.writers import read_metrics
+
+  out = str(tmp_path / "eval")
+  results = _over_training(two_checkpoints, out)
+  assert [(r["checkpoint_step"], r["setting"]["steps"]) for r in results] == [(2, 1), (2, 2), (4, 1), (4, 2)]
+  # Each checkpoint's figures are those of evaluating that checkpoint alone.
+  alone = evaluate_lib.evaluate(two_checkpoints, [1, 2], num=12, metrics=["distance"], distance_num=12,
+                                shard_size=6, batch_size=4, checkpoint_step=2, out_dir=str(tmp_path / "alone"),
+                                progress=False)
+  assert [r["metrics"] for r in alone] == [r["metrics"] for r in results[:2]]
+  assert results[0]["metrics"] != results[2]["metrics"]  # two training steps apart: other weights
+
+  label = "1step_default_pushforward_cfg1_seed0_n12"
+  rows = read_metrics(out)
+  assert [(row["step"], row[f"energy_distance/{label}"]) for row in rows if f"energy_distance/{label}" in row] == \
+      [(2, results[0]["metrics"]["energy_distance"]), (4, results[2]["metrics"]["energy_distance"])]
+  acc = event_accumulator.EventAccumulator(out, size_guidance={event_accumulator.SCALARS: 0,
+                                                               event_accumulator.IMAGES: 0})
+  acc.Reload()
+  events = acc.Scalars(f"mmd_rbf/{label}")
+  assert [(e.step, e.value) for e in events] == [
+      (2, pytest.approx(results[0]["metrics"]["mmd_rbf"])), (4, pytest.approx(results[2]["metrics"]["mmd_rbf"]))]
+  assert [e.step for e in acc.Images(f"samples/{label}")] == [2, 4]
+  curves = os.path.join(out, evaluate_lib.CURVES_FILE)
+  from PIL import Image
+  with Image.open(curves) as picture:
+    assert picture.mode == "RGB" and picture.size[0] >= 400
+
+  # Again: the reports are read back from the shards, the same figures, and nothing is logged twice.
+  again = _over_training(two_checkpoints, out)
+  assert [r["metrics"] for r in again] == [r["metrics"] for r in results]
+  assert read_metrics(out) == rows
+  # One checkpoint is not a curve.
+  assert evaluate_lib.write_curves(str(tmp_path / "alone")) is None
+  assert not os.path.exists(os.path.join(str(tmp_path / "alone"), evaluate_lib.CURVES_FILE))
+
+
+@pytest.mark.slow
+def test_two_hosts_evaluate_every_checkpoint(two_checkpoints, tmp_path):
+  """Two processes agree on the checkpoint list (process 0's), share each setting's shards, and report
+  the single-process figures."""
+  out = str(tmp_path / "eval")
+  command = [sys.executable, "-m", "imm_jax.evaluate", f"--workdir={two_checkpoints}", "--checkpoint-step=all",
+             "--steps", "2", "--num=12", "--distance-num=12", "--shard-size=5", "--batch-size=2", f"--out-dir={out}"]
+  _run_two_hosts(command)
+  single = _over_training(two_checkpoints, str(tmp_path / "single"))
+  for r in single:
+    if r["setting"]["steps"] == 2:
+      with open(os.path.join(out, r["tag"] + ".json")) as f:
+        assert json.load(f)["metrics"] == r["metrics"]
+
+
+def test_watch_follows_training_until_its_last_step(two_checkpoints, tmp_path, monkeypatch):
+  """Checkpoint 4 appears only while the watcher waits; it evaluates 2, waits once, evaluates 4 and
+  stops (4 is the run's num_steps). A checkpoint deleted before its turn is skipped."""
+  import shutil
+  from imm_jax import checkpoints
+
+  workdir = str(tmp_path / "run")
+  shutil.copytree(two_checkpoints, workdir, ignore=shutil.ignore_patterns("eval"))
+  held = str(tmp_path / "held_4")
+  shutil.move(os.path.join(workdir, "checkpoints", "4"), held)
+  waits = []
+
+  def wait(seconds):
+    waits.append(seconds)
+    shutil.move(held, os.path.join(workdir, "checkpoints", "4"))  # training writes step 4
+
+  monkeypatch.setattr(evaluate_lib, "_wait", wait)
+  results = _over_training(workdir, str(tmp_path / "eval"), watch=True, poll_seconds=7)
+  assert waits == [7]
+  assert sorted({r["checkpoint_step"] for r in results}) == [2, 4]
+
+  # Without --watch, step 6 listed but gone by its turn (the trainer's retention): a note, no error.
+  real = checkpoints.saved_steps
+  calls = []
+
+  def listed(path):
+    calls.append(path)
+    return real(path) + ([6] if len(calls) == 1 else [])
+
+  monkeypatch.setattr(checkpoints, "saved_steps", listed)
+  results = _over_training(workdir, str(tmp_path / "eval"))
+  assert sorted({r["checkpoint_step"] for r in results}) == [2, 4]
+  # A workdir without checkpoints: an error at once without --watch.
+  monkeypatch.setattr(checkpoints, "saved_steps", real)
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    _over_training(str(tmp_path / "empty"), str(tmp_path / "eval2"))
 
 
 def test_reference_data_forms(workdir, tmp_path):

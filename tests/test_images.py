@@ -127,3 +127,44 @@ def test_side_by_side_mixed_panels_and_labels():
     np.testing.assert_array_equal(labelled[-20:], out)
     with pytest.raises(ValueError):
         side_by_side([a, b], labels=["only one"])
+
+
+def _dot_centre(chart, color):
+    """Centre of the dot drawn in ``color`` (the topmost cluster of that colour: the legend's swatch of
+    the same colour lies below the axes)."""
+    rows, cols = np.nonzero(np.all(chart == np.array(color, np.uint8), axis=-1))
+    order = np.argsort(rows)
+    rows, cols = rows[order], cols[order]
+    gaps = np.nonzero(np.diff(rows) > 2)[0]
+    end = gaps[0] + 1 if len(gaps) else len(rows)
+    return rows[:end].mean(), cols[:end].mean()
+
+
+def test_line_chart_places_points_on_its_scales():
+    # One point per series (each its own colour, no connecting line to blur the dot). The text's
+    # anti-aliased edges are grey, so the grey series colour (LINE_COLORS[2]) goes to a series with no
+    # point on a log axis.
+    colors = [c for c in images_mod.LINE_COLORS if len(set(c)) > 1]
+    assert images_mod.LINE_COLORS[2] not in colors and len(colors) == len(images_mod.LINE_COLORS) - 1
+    chart = images_mod.line_chart({"a": {0: 1.0}, "b": {10_000: 100.0}, "grey": {0: -1.0}, "c": {5_000: 10.0},
+                                   "d": {10_000: 1.0}}, title="log y, linear x")
+    assert chart.dtype == np.uint8 and chart.shape == (400, 560, 3)
+    (ra, ca), (rb, cb), (rc, cc), (rd, cd) = (_dot_centre(chart, colors[i]) for i in range(4))
+    assert rb < rc < ra  # larger y is higher up
+    assert abs(rc - (ra + rb) / 2) <= 1  # 10 is halfway between 1 and 100 on a log axis
+    assert abs(cc - (ca + cb) / 2) <= 1  # 5k is halfway between 0 and 10k on a linear axis
+    assert abs(cd - cb) <= 0.5 and abs(rd - ra) <= 0.5
+
+    chart = images_mod.line_chart({"a": {1: 0.0}, "b": {2: 5.0}, "grey": {1: float("nan")}, "c": {8: 10.0}}, title="linear y, log2 x",
+                                  x_scale="log2", y_scale="linear")
+    (ra, ca), (rb, cb), (rc, cc) = (_dot_centre(chart, colors[i]) for i in range(3))
+    assert abs(rb - (ra + rc) / 2) <= 1  # 5 halfway between 0 and 10
+    assert abs((cb - ca) * 3 - (cc - ca)) <= 1.5  # log2: 1 -> 2 is a third of 1 -> 8
+
+    # Values a log axis cannot show are left out; a chart with nothing to show is an error.
+    chart = images_mod.line_chart({"a": {1: 0.0, 2: 3.0, 3: float("nan")}}, title="t")
+    assert np.all(chart == np.array(colors[0], np.uint8), axis=-1).any()
+    with pytest.raises(ValueError, match="no point"):
+        images_mod.line_chart({"a": {1: -1.0}}, title="t")
+    with pytest.raises(ValueError, match="x_scale"):
+        images_mod.line_chart({"a": {1: 1.0}}, title="t", x_scale="log")

@@ -232,57 +232,11 @@ def write_report(all_results: list, out: str):
     f.write(text)
   from imm_jax import images as images_lib
 
-  panels = [line_plot(res["runs"], f"{res['dataset']}: energy distance vs steps", res["floor_energy"])
+  panels = [images_lib.line_chart({name: r["energy"] for name, r in res["runs"].items()},
+                                  title=f"{res['dataset']}: energy distance vs steps (x: steps, y: log scale)",
+                                  x_scale="log2", floor=res["floor_energy"], floor_label="train vs held-out")
             for res in all_results]
   images_lib.save_png(os.path.join(out, "results", "compare.png"), images_lib.side_by_side(panels))
-
-
-COLORS = [(31, 58, 147), (90, 140, 220), (150, 150, 150), (200, 30, 30), (20, 150, 60), (230, 140, 0)]
-
-
-def line_plot(runs: dict, title: str, floor: float | None = None, size=(560, 400)) -> np.ndarray:
-  """Energy distance (log scale) against steps (log2 scale), one polyline per run; numpy + PIL only."""
-  from PIL import Image, ImageDraw
-
-  w, h = size
-  left, right, top, bottom = 60, 10, 24, 40 + 12 * len(runs)
-  pts = [(k, v) for r in runs.values() for k, v in r["energy"].items() if v > 0]
-  ys = [v for _, v in pts] + ([floor] if floor and floor > 0 else [])
-  y_lo, y_hi = np.log10(min(ys)) - 0.1, np.log10(max(ys)) + 0.1
-  x_hi = np.log2(max(k for k, _ in pts))
-  img = Image.new("RGB", (w, h), (255, 255, 255))
-  draw = ImageDraw.Draw(img)
-  plot_h = h - top - bottom
-  to_xy = lambda k, v: (left + (w - left - right) * np.log2(k) / max(x_hi, 1e-9),
-                        top + plot_h * (1 - (np.log10(v) - y_lo) / (y_hi - y_lo)))
-  draw.rectangle([left, top, w - right, top + plot_h], outline=(90, 90, 90))
-  for e in range(int(np.floor(y_lo)), int(np.ceil(y_hi)) + 1):
-    for m in (1, 2, 5):
-      v = m * 10.0**e
-      if y_lo <= np.log10(v) <= y_hi:
-        _, y = to_xy(1, v)
-        draw.line([left - 4, y, left, y], fill=(90, 90, 90))
-        draw.text((2, y - 6), f"{v:g}", fill=(0, 0, 0))
-  for k in sorted({k for k, _ in pts}):
-    x, _ = to_xy(k, 10**y_lo)
-    draw.line([x, top + plot_h, x, top + plot_h + 4], fill=(90, 90, 90))
-    draw.text((x - 6, top + plot_h + 6), str(k), fill=(0, 0, 0))
-  if floor and floor > 0:
-    _, y = to_xy(1, floor)
-    draw.line([left, y, w - right, y], fill=(170, 170, 170))
-    draw.text((w - right - 110, y - 12), "train vs held-out", fill=(120, 120, 120))
-  for i, (name, r) in enumerate(runs.items()):
-    color = COLORS[i % len(COLORS)]
-    xy = [to_xy(k, v) for k, v in sorted(r["energy"].items()) if v > 0]
-    if len(xy) > 1:
-      draw.line(xy, fill=color, width=2)
-    for x, y in xy:
-      draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-    ly = top + plot_h + 20 + 12 * i
-    draw.line([left, ly + 5, left + 20, ly + 5], fill=color, width=2)
-    draw.text((left + 26, ly), name, fill=(0, 0, 0))
-  draw.text((left, 4), title + " (x: steps, y: log scale)", fill=(0, 0, 0))
-  return np.asarray(img)
 
 
 def load_results(out: str) -> list:
