@@ -58,14 +58,9 @@ def no_checkpoint_message(workdir: str) -> str:
 
 
 def saved_steps(workdir: str) -> list[int]:
-  """The steps of ``workdir``'s finished checkpoints, oldest first ([] when there are none yet)."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
-    return []
-  manager = create_manager(workdir, read_only=True, async_save=False)
-  try:
-    return sorted(int(s) for s in manager.all_steps())
-  finally:
-    manager.close()
+  """The steps of ``workdir``'s finished checkpoints, oldest first ([] when there are none yet); a save
+  in progress (a temporary folder, or on GCS a step without its commit marker) is not one."""
+  return sorted(ocp.utils.checkpoint_steps(checkpoint_dir(workdir)))
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any, data_iter=None, step: int | None = None):

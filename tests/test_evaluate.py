@@ -280,6 +280,8 @@ def test_watch_follows_training_until_its_last_step(two_checkpoints, tmp_path, m
   shutil.copytree(two_checkpoints, workdir, ignore=shutil.ignore_patterns("eval"))
   held = str(tmp_path / "held_4")
   shutil.move(os.path.join(workdir, "checkpoints", "4"), held)
+  os.makedirs(os.path.join(workdir, "checkpoints", "6.orbax-checkpoint-tmp-1"))  # a save in progress
+  assert checkpoints.saved_steps(workdir) == [2]
   waits = []
 
   def wait(seconds):
