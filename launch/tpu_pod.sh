@@ -12,6 +12,13 @@
 #     launch/tpu_pod.sh train --config.batch_size=4096   # extra arguments go to imm_jax.train
 #   launch/tpu_pod.sh logs                        # follow worker 0's log
 #   launch/tpu_pod.sh stop                        # SIGTERM on every worker: the trainer saves and exits
+#   WORKDIR=gs://my-bucket/imm/xl2 launch/tpu_pod.sh evaluate --steps 1 2 4 8 --cfg-scale 1.5 \
+#     --ref /gcs/my-bucket/VIRTUAL_imagenet256_labeled.npz --vae /gcs/my-bucket/sd-vae-ft-ema \
+#     --inception /gcs/my-bucket/pt_inception-2015-12-05-6726825d.pth
+#                                                 # imm_jax.evaluate on every worker (a slice's hosts run
+#                                                 # one JAX program together); files it reads must be on
+#                                                 # every worker, e.g. in the mounted bucket
+#   launch/tpu_pod.sh logs evaluate               # follow it; `stop evaluate` ends it
 #   launch/tpu_pod.sh delete
 #
 # DRY_RUN=1 (or --dry-run as the first argument) prints the commands instead of running them.
@@ -41,8 +48,8 @@ DRY_RUN=${DRY_RUN:-0}
 # Paths on the workers, expanded there (never inside single quotes).
 REMOTE_DIR='$HOME/imm_jax'
 REMOTE_VENV='$HOME/imm-venv'
-REMOTE_LOG='$HOME/imm_train.log'
-REMOTE_PID='$HOME/imm_train.pid'
+# Each job (train, evaluate) logs to $HOME/imm_<job>.log and records its pid in $HOME/imm_<job>.pid.
+REMOTE_JOB='$HOME/imm_'
 
 if [[ "${1:-}" == "--dry-run" ]]; then
   DRY_RUN=1
@@ -127,8 +134,11 @@ check() {  # on this machine: imm_jax.aot compiles the step for ACCELERATOR_TYPE
   run "$python" -m imm_jax.aot "--config=$CONFIG" "--target=$ACCELERATOR_TYPE" "$@"
 }
 
-train() {
-  : "${CONFIG:?set CONFIG, e.g. CONFIG=configs/imagenet256.py:XL/2}"
+# start JOB ARGS...: python -m imm_jax.JOB --workdir=WORKDIR ARGS on every worker, detached (nohup) so that
+# a dropped ssh session does not end it; `logs JOB` follows it, `stop JOB` ends it.
+start() {
+  local job=$1
+  shift
   : "${WORKDIR:?set WORKDIR, e.g. WORKDIR=gs://my-bucket/imm/xl2}"
   local workdir=$WORKDIR mount=""
   if [[ "$WORKDIR" == gs://* ]]; then
@@ -140,17 +150,27 @@ train() {
     echo "note: WORKDIR=$WORKDIR is not gs://; it must be a file system shared by all workers" >&2
   fi
   local args
-  args=$(quote "--config=$CONFIG" "--workdir=$workdir" "$@")
-  # Detached (nohup), so that a dropped ssh session does not end the run; `logs` follows it.
-  on_all_workers "${mount}cd $REMOTE_DIR && { IMM_DISTRIBUTED=auto nohup $REMOTE_VENV/bin/python -m imm_jax.train $args < /dev/null > $REMOTE_LOG 2>&1 & echo \$! > $REMOTE_PID; }"
+  args=$(quote "--workdir=$workdir" "$@")
+  on_all_workers "${mount}cd $REMOTE_DIR && { IMM_DISTRIBUTED=auto nohup $REMOTE_VENV/bin/python -m imm_jax.$job $args < /dev/null > $REMOTE_JOB$job.log 2>&1 & echo \$! > $REMOTE_JOB$job.pid; }"
+}
+
+job_name() {  # logs / stop: train (default) or evaluate
+  case "${1:-train}" in
+    train|evaluate) echo "${1:-train}" ;;
+    *) echo "unknown job '$1': use train | evaluate" >&2; exit 2 ;;
+  esac
 }
 
 logs() {
-  gcloud_tpu ssh --worker=0 "--command=tail -n 100 -f $REMOTE_LOG"
+  local job
+  job=$(job_name "$@")
+  gcloud_tpu ssh --worker=0 "--command=tail -n 100 -f $REMOTE_JOB$job.log"
 }
 
-stop() {  # the process that `train` started on each worker, by its pid
-  on_all_workers "kill -TERM \$(cat $REMOTE_PID) && echo \"sent SIGTERM to \$(cat $REMOTE_PID)\" || true"
+stop() {  # the process that `start` started on each worker, by its pid
+  local job
+  job=$(job_name "$@")
+  on_all_workers "kill -TERM \$(cat $REMOTE_JOB$job.pid) && echo \"sent SIGTERM to \$(cat $REMOTE_JOB$job.pid)\" || true"
 }
 
 delete() {
@@ -163,10 +183,11 @@ case "$command" in
   check) check "$@" ;;
   create) create ;;
   setup) setup ;;
-  train) train "$@" ;;
-  logs) logs ;;
-  stop) stop ;;
+  train) : "${CONFIG:?set CONFIG, e.g. CONFIG=configs/imagenet256.py:XL/2}"; start train "--config=$CONFIG" "$@" ;;
+  evaluate) start evaluate "$@" ;;
+  logs) logs "$@" ;;
+  stop) stop "$@" ;;
   delete) delete ;;
   -h|--help|help) usage ;;
-  *) usage >&2; echo "unknown command '${command}': use check | create | setup | train | logs | stop | delete" >&2; exit 2 ;;
+  *) usage >&2; echo "unknown command '${command}': use check | create | setup | train | evaluate | logs | stop | delete" >&2; exit 2 ;;
 esac

@@ -76,9 +76,24 @@ def test_tpu_pod_dry_run_prints_gcloud_commands():
   assert ssh[4:6] == ["ssh", "imm-test"] and "--worker=all" in ssh
   remote = next(a for a in ssh if a.startswith("--command="))
   assert "gcsfuse --implicit-dirs" in remote and "my-bucket /gcs/my-bucket" in remote
-  assert ("python -m imm_jax.train --config=configs/imagenet256.py:XL/2 --workdir=/gcs/my-bucket/imm/xl2 "
-          "--config.batch_size=4096") in remote
-  assert "nohup" in remote and "imm_train.pid" in remote
+  assert ("python -m imm_jax.train --workdir=/gcs/my-bucket/imm/xl2 --config=configs/imagenet256.py:XL/2 "
+          "--config.batch_size=4096 < /dev/null > $HOME/imm_train.log") in remote
+  assert "nohup" in remote and "echo $! > $HOME/imm_train.pid" in remote
+
+  # evaluate: the same on every worker (no CONFIG: the workdir has its config), its own log and pid.
+  r = _run(TPU, "--dry-run", "evaluate", "--steps", "1", "2", "--ref", "/gcs/my-bucket/ref.npz",
+           TPU_NAME="imm-test", WORKDIR="gs://my-bucket/imm/xl2")
+  assert r.returncode == 0, r.stderr
+  (ssh,) = _commands(r.stdout)
+  remote = next(a for a in ssh if a.startswith("--command="))
+  assert "--worker=all" in ssh and "my-bucket /gcs/my-bucket" in remote
+  assert ("IMM_DISTRIBUTED=auto nohup $HOME/imm-venv/bin/python -m imm_jax.evaluate --workdir=/gcs/my-bucket/imm/xl2 "
+          "--steps 1 2 --ref /gcs/my-bucket/ref.npz < /dev/null > $HOME/imm_evaluate.log") in remote
+  assert "echo $! > $HOME/imm_evaluate.pid" in remote
+  logs = _commands(_run(TPU, "logs", "evaluate", **env).stdout)[0]
+  assert "--worker=0" in logs and "--command=tail -n 100 -f $HOME/imm_evaluate.log" in logs
+  stop = _commands(_run(TPU, "stop", "evaluate", **env).stdout)[0]
+  assert "kill -TERM $(cat $HOME/imm_evaluate.pid)" in " ".join(stop)
 
   r = _run(TPU, "delete", **env)
   assert _commands(r.stdout) == [["gcloud", "compute", "tpus", "tpu-vm", "delete", "imm-test", "--quiet",
@@ -89,7 +104,11 @@ def test_tpu_pod_dry_run_prints_gcloud_commands():
 
 def test_tpu_pod_refuses_unknown_commands_and_missing_settings():
   r = _run(TPU, "--dry-run", "launch")
-  assert r.returncode == 2 and "create | setup | train | logs | stop | delete" in r.stderr
+  assert r.returncode == 2 and "create | setup | train | evaluate | logs | stop | delete" in r.stderr
+  r = _run(TPU, "--dry-run", "logs", "eval")
+  assert r.returncode == 2 and "unknown job 'eval': use train | evaluate" in r.stderr and not _commands(r.stdout)
+  r = _run(TPU, "--dry-run", "evaluate", "--steps", "1")
+  assert r.returncode != 0 and "set WORKDIR" in r.stderr
   r = _run(TPU, "--dry-run", "train", WORKDIR="gs://b/x")
   assert r.returncode != 0 and "set CONFIG" in r.stderr
   r = _run(TPU, "--help")
