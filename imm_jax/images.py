@@ -255,7 +255,8 @@ def line_chart(
     ys = [y for pts in lines.values() for _, y in pts]
     if not xs:
         raise ValueError(f"line_chart {title!r}: no point to draw")
-    if floor is not None and usable(xs[0], floor):
+    show_floor = floor is not None and usable(xs[0], floor)
+    if show_floor:
         ys.append(floor)
     fx = math.log2 if x_scale == "log2" else float
     fy = math.log10 if y_scale == "log" else float
@@ -295,7 +296,7 @@ def line_chart(
         draw.line([x, top + plot_h, x, top + plot_h + 4], fill=FRAME_COLOR)
         label = _tick_label(v)
         draw.text((x - 3 * len(label), top + plot_h + 6), label, fill=(0, 0, 0))
-    if floor is not None and usable(xs[0], floor):
+    if show_floor:
         _, y = to_xy(min(xs), floor)
         draw.line([left, y, left + plot_w, y], fill=REFERENCE_COLOR)
         draw.text((left + plot_w - 6 * len(floor_label) - 4, y - 12), floor_label, fill=(120, 120, 120))
