@@ -51,8 +51,8 @@ from imm_jax.io_utils import fail
 
 METRICS = ("fid", "distance")
 
-__all__ = ["evaluate", "evaluate_checkpoints", "log_results", "write_curves", "compute_reference", "main",
-           "METRICS"]
+__all__ = ["evaluate", "evaluate_checkpoints", "log_results", "write_curves", "best_checkpoints",
+           "compute_reference", "main", "METRICS"]
 
 
 class _UsageError(ValueError):
@@ -336,6 +336,24 @@ def _agree_on_steps(steps: list[int], limit: int = 1024) -> list[int]:
   return [int(step) for step in buf if step >= 0]
 
 
+def best_checkpoints(results: Sequence[dict]) -> list[str]:
+  """One line per setting evaluated at two or more checkpoints: its lowest FID (energy distance when
+  there is no FID) and the checkpoint that has it, e.g. ``2step_default_pushforward_cfg1_seed0_n10000:
+  fid 3.21 at checkpoint 350000 (of 8)``."""
+  by_setting: dict[str, list[dict]] = {}
+  for r in results:
+    by_setting.setdefault(_label(r["tag"]), []).append(r)
+  lines = []
+  for label, runs in by_setting.items():
+    key = next((k for k, _ in _CURVE_METRICS if all(k in r["metrics"] for r in runs)), None)
+    if key is None or len(runs) < 2:
+      continue
+    best = min(runs, key=lambda r: r["metrics"][key])
+    lines.append(f"{label}: {key} {best['metrics'][key]:.4g} at checkpoint {best['checkpoint_step']} "
+                 f"(of {len(runs)})")
+  return lines
+
+
 def format_table(results: Sequence[dict]) -> str:
   """The results as a Markdown table (one row per setting)."""
   keys = [k for k in ("fid", "is_mean", "energy_distance", "mmd_rbf") if any(k in r["metrics"] for r in results)]
@@ -513,6 +531,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   if results:
     if not over_training:  # evaluate_checkpoints printed each checkpoint's table as it finished
       print(format_table(results))
+    best = best_checkpoints(results)
+    if best:
+      print("best checkpoint per setting:\n  " + "\n  ".join(best))
     print(f"results in {out_dir}/<tag>.json and <tag>.png; TensorBoard: tensorboard --logdir {out_dir}")
     if os.path.exists(os.path.join(out_dir, CURVES_FILE)):
       print(f"figures against the training step: {os.path.join(out_dir, CURVES_FILE)}")

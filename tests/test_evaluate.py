@@ -255,6 +255,21 @@ def test_evaluate_every_checkpoint_logs_figures_against_the_training_step(two_ch
   assert not os.path.exists(os.path.join(str(tmp_path / "alone"), evaluate_lib.CURVES_FILE))
 
 
+def test_best_checkpoint_per_setting():
+  def report(step, steps, **metrics):
+    return dict(tag=f"ckpt{step}_{steps}step_default_pushforward_cfg1_seed0_n100", checkpoint_step=step,
+                metrics=metrics)
+
+  results = [report(10, 1, fid=9.0, energy_distance=0.5), report(20, 1, fid=4.0, energy_distance=0.7),
+             report(30, 1, fid=5.0, energy_distance=0.1),  # FID decides where there is one
+             report(10, 2, energy_distance=0.3), report(20, 2, energy_distance=0.2),
+             report(30, 2, energy_distance=0.4),
+             report(30, 4, fid=2.0)]  # one checkpoint: nothing to choose
+  assert evaluate_lib.best_checkpoints(results) == [
+      "1step_default_pushforward_cfg1_seed0_n100: fid 4 at checkpoint 20 (of 3)",
+      "2step_default_pushforward_cfg1_seed0_n100: energy_distance 0.2 at checkpoint 20 (of 3)"]
+
+
 @pytest.mark.slow
 def test_two_hosts_evaluate_every_checkpoint(two_checkpoints, tmp_path):
   """Two processes agree on the checkpoint list (process 0's), share each setting's shards, and report
