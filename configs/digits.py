@@ -23,8 +23,8 @@ def get_config(arg: str = ""):
   c.data.name = "digits"
   c.data.image_size = 16
   c.model = ml_collections.ConfigDict(dict(name="dit", patch_size=4, hidden_size=128, depth=4, num_heads=4,
-                                           class_conditional=False, dtype="float32", remat="none",
-                                           attention_impl=ml_collections.config_dict.placeholder(str)))
+                                           class_conditional=False, augment_dim=0, dtype="float32",
+                                           remat="none", attention_impl=ml_collections.config_dict.placeholder(str)))
   c.precond.update(f_type="euler_fm", temb_type="identity")
   c.imm.update(group_size=4, eps=0.006, T=0.994, k=12, weight_a=1.0, weight_b=4.0)
   c.optim.update(name="adamw", lr=1e-3, warmup_steps=100, grad_clip=1.0)

@@ -58,8 +58,9 @@ def get_config(arg: str = "XL/2-ts-a2"):
   c.data.latent_scale = 0.5
   # The preset's fields spelled out (patch_size, hidden_size, depth, num_heads), so each can be overridden.
   c.model = ml_collections.ConfigDict(dict(name="dit", **DIT_PRESETS[variant.split("-")[0]],
-                                           class_conditional=True, num_classes=1000, dtype="float32",
-                                           remat="none", attention_impl=ml_collections.config_dict.placeholder(str)))
+                                           class_conditional=True, num_classes=1000, augment_dim=0,
+                                           dtype="float32", remat="none",
+                                           attention_impl=ml_collections.config_dict.placeholder(str)))
   c.precond.update(interpolant="ot_fm", f_type="euler_fm", temb_type="stride" if best else "identity",
                    sigma_d=0.5, time_scale=1000.0)
   c.imm.update(group_size=4, eps=0.0, T=0.994, k=12, eta_max=160.0, eta_min=0.0,

@@ -26,14 +26,23 @@ def base_config() -> ml_collections.ConfigDict:
       holdout_fraction=0.02, tfds_name="", tfds_data_dir=ml_collections.config_dict.placeholder(str),
       split="train", eval_split="test", x_flip=False, worker_count=0, prefetch_buffer=2))
 
+  # Non-leaking geometric augmentation of image batches in the training step (imm_jax/augment.py; EDM's
+  # CIFAR-10 recipe: p=0.12, xflip=True, with config.model.augment_dim=9 so that the network is told
+  # what was done and samples un-augmented images). p: probability of each of ``transforms``; xflip: a
+  # labelled x-flip by a fair coin on every image (unlike data.x_flip, which flips without a label).
+  c.augment = ml_collections.ConfigDict(dict(
+      p=0.0, xflip=False, transforms=("yflip", "scale", "rotate", "aniso", "translate"), scale_std=0.2,
+      aniso_std=0.2, translate_std=0.125))
+
   # Network: imm_jax.models.create_network (dit | unet | mlp); config files add the network's own
   # fields (DiT: preset or patch_size/hidden_size/depth/num_heads; unet: SongUNet's; mlp: hidden/depth).
   # How it is computed, with the same parameters: dtype (float32 | bfloat16 | float16; parameters and
   # the loss stay float32), remat (none | block | dots_saveable | dots_with_no_batch_dims_saveable:
   # recompute each block in the backward pass to save activation memory) and, for DiT, attention_impl
-  # (None = XLA | xla | cudnn: cuDNN flash attention, NVIDIA GPUs with bf16/fp16 only).
+  # (None = XLA | xla | cudnn: cuDNN flash attention, NVIDIA GPUs with bf16/fp16 only). dit and unet also
+  # take augment_dim (0, or 9 to be given config.augment's labels).
   c.model = ml_collections.ConfigDict(dict(name="dit", preset="S/2", class_conditional=False,
-                                           dtype="float32", remat="none",
+                                           augment_dim=0, dtype="float32", remat="none",
                                            attention_impl=ml_collections.config_dict.placeholder(str)))
 
   # Preconditioning (spec section 2).

@@ -201,7 +201,8 @@ def load_teacher(config, model: Model, items=("params",)) -> dict:
     mine, theirs = config[section].to_dict(), teacher_config[section].to_dict()
     ignored = EXECUTION_OPTIONS if section == "model" else ()  # the same parameters either way
     diff = sorted(k for k in set(mine) | set(theirs)
-                  if k not in ignored and _as_plain(mine.get(k)) != _as_plain(theirs.get(k)))
+                  if k not in ignored and _as_plain(mine.get(k, _ADDED_LATER.get(k)))
+                  != _as_plain(theirs.get(k, _ADDED_LATER.get(k))))
     if diff:
       raise ValueError(f"the student's config.{section} differs from the teacher's in {workdir} at "
                        f"{', '.join(f'{section}.{k}: {mine.get(k)!r} vs {theirs.get(k)!r}' for k in diff)}; "
@@ -223,6 +224,10 @@ def load_teacher(config, model: Model, items=("params",)) -> dict:
     manager.close()
   precond = adam_preconditioner(state.opt_state, float(teacher_config.optim.b2), float(teacher_config.optim.eps))
   return jax.device_get({"params": state.ema_params, "precond": precond})
+
+
+# Network options added after runs were written: a saved config without one had its default.
+_ADDED_LATER = {"augment_dim": 0}
 
 
 def _as_plain(v):
@@ -288,6 +293,14 @@ def render(model: Model, samples: np.ndarray, reference: np.ndarray | None = Non
   grid = images_lib.make_grid(decoder(samples) if decoder is not None else data_lib.to_uint8(samples))
   factor = max(1, 512 // max(grid.shape[:2]))
   return images_lib.upscale_nearest(grid, factor) if factor > 1 else grid
+
+
+def augment_preview(model: Model, augment, x: np.ndarray, seed: int, num: int = 32) -> np.ndarray:
+  """Training images beside the same images as ``config.augment`` hands them to the objective."""
+  x = np.asarray(x[:num], np.float32)
+  out, _ = augment(jax.random.key(seed), jnp.asarray(x))
+  return images_lib.side_by_side([render(model, x), render(model, np.asarray(out))],
+                                 ["data", "augmented (config.augment)"])
 
 
 def sample_quality(model: Model, params, config, eval_x: np.ndarray, steps_list) -> dict[str, float]:
@@ -404,6 +417,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       initial = sample_quality(model, params0, config, eval_x, eval_steps)
       writer.write_scalars(0, {f"eval_init/{k}": v for k, v in initial.items()})
       _print_figures("untrained model", initial)
+
+  augment = getattr(objective, "augment", None)
+  if start == 0 and augment is not None and is_main and model.kind == "image":
+    preview = augment_preview(model, augment, first["x"], int(config.seed))
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    images_lib.save_png(os.path.join(workdir, "samples", "augmented.png"), preview)
+    writer.write_images(0, {"data/augmented": preview})
 
   pending = first
   last_metrics = None

@@ -173,6 +173,7 @@ def test_tiny_cifar10_trains_on_mock_data(tmp_path):
   losses = [r["train/loss"] for r in read_metrics(str(tmp_path / "cifar")) if "train/loss" in r]
   assert len(losses) == 3 and all(np.isfinite(losses))
   assert os.path.exists(tmp_path / "cifar" / "samples" / "step0000003_2step.png")
+  assert os.path.exists(tmp_path / "cifar" / "samples" / "augmented.png")  # the config's augmentation
 
 
 def test_guided_sampler_compiles_from_shapes_and_counts_its_flops():

@@ -334,3 +334,31 @@ def test_teacher_with_another_network_is_refused(teacher_workdir, tmp_path):
   c = tiny(load_config("mm_distill", "toy2d-8gaussians-alt"), 2)
   with pytest.raises(ValueError, match="teacher.workdir"):
     train_and_evaluate(c, str(tmp_path / "none"))
+
+
+@pytest.mark.parametrize("teacher_dim,refused", [(0, False), (9, True)])
+def test_teacher_config_written_before_an_option_existed(teacher_workdir, tmp_path, teacher_dim, refused):
+  """A teacher whose config.json has an option the student's lacks, or the other way round (runs of
+  versions before ``model.augment_dim``), matches when the value is that option's default."""
+  import json
+  import os
+  import shutil
+
+  from imm_jax.builder import build_model
+  from imm_jax.trainer import load_teacher
+
+  teacher = str(tmp_path / "teacher")
+  shutil.copytree(teacher_workdir, teacher)
+  with open(os.path.join(teacher, "config.json")) as f:
+    saved = json.load(f)
+  saved["model"]["augment_dim"] = teacher_dim
+  with open(os.path.join(teacher, "config.json"), "w") as f:
+    json.dump(saved, f)
+  c = tiny(load_config("mm_distill", "toy2d-8gaussians-alt"), 2)
+  c.teacher.workdir = teacher
+  assert "augment_dim" not in c.model
+  if refused:
+    with pytest.raises(ValueError, match="model.augment_dim: None vs 9"):
+      load_teacher(c, build_model(c))
+  else:
+    assert set(load_teacher(c, build_model(c))) == {"params"}

@@ -5,7 +5,8 @@ Each case runs the real trainer in subprocesses, so that the device count (``XLA
 
 * the same seed and data give the same losses and parameters on 1 device and on 8 devices with meshes
   data x fsdp = 8x1, 4x2, 2x4 (FSDP really shards: ``mesh.fsdp_min_size=1``), with and without gradient
-  accumulation, and with the blocks rematerialised (``model.remat``);
+  accumulation, and with the blocks rematerialised (``model.remat``), all with the data augmentation
+  (``config.augment``) on;
 * two processes on localhost (``python -m imm_jax.train`` with IMM_COORDINATOR / IMM_NUM_PROCESSES /
   IMM_PROCESS_ID, FSDP across them) train exactly what one process does with the same global batch;
 * a run stopped by SIGTERM saves, exits 0 and resumes to the parameters and losses of an uninterrupted run.
@@ -44,6 +45,8 @@ TINY = {
     "checkpoint.async_save": False, "data.image_size": 8, "model.patch_size": 4, "model.hidden_size": 32,
     "model.depth": 1, "model.num_heads": 2, "optim.warmup_steps": 2, "sample.steps": (), "eval.num": 0,
     "mesh.fsdp_min_size": 1,
+    # The augmentation (a batched gather on the sharded batch) and its labels through the network too.
+    "augment.p": 0.5, "augment.xflip": True, "model.augment_dim": 9,
 }
 
 # Runs train_and_evaluate for each (workdir, overrides) of argv[1] in this one process.
@@ -225,7 +228,7 @@ def test_two_processes_match_one_process(reference, tmp_path):
   assert sorted(_losses(pair)) == [1, 2, 3]
   # Only process 0 writes metrics, events and samples; each process saved its own data-iterator state.
   assert len(glob.glob(os.path.join(pair, "events.out.tfevents.*"))) == 1
-  assert os.listdir(os.path.join(pair, "samples")) == ["step0000003_1step.png"]
+  assert sorted(os.listdir(os.path.join(pair, "samples"))) == ["augmented.png", "step0000003_1step.png"]
   iterator_files = sorted(os.listdir(os.path.join(checkpoints.checkpoint_dir(pair), "3", "data_iter")))
   assert [f for f in iterator_files if f.startswith("process_")] == ["process_0-of-2.json",
                                                                      "process_1-of-2.json"]

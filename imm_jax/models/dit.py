@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imm_jax.models.layers import (Dense, dense, dit_timestep_frequencies, gelu_tanh, layer_norm, normal,
-                                   precise_cos_sin, remat_block, traced_platform, xavier_uniform,
-                                   xavier_uniform_flat)
+from imm_jax.models.layers import (Dense, augment_embedding, dense, dit_timestep_frequencies, gelu_tanh,
+                                   layer_norm, normal, precise_cos_sin, remat_block, traced_platform,
+                                   xavier_uniform, xavier_uniform_flat)
 
 Dtype = Any
 
@@ -221,7 +221,9 @@ class DiT(nn.Module):
 
   ``labels``: int (N,) with ``num_classes`` meaning null, or None (every row null). The table has
   num_classes + 1 rows, + 1 unused row when ``extra_null_row`` (the reference adds it when trained with
-  its internal label dropout; kept only so such checkpoints load).
+  its internal label dropout; kept only so such checkpoints load). ``augment_labels``: (N, augment_dim)
+  augmentation parameters (imm_jax.augment; None = zeros = no augmentation), mapped without bias
+  (``augment_embedder``) and added to the conditioning vector; ``augment_dim`` 0 has no such input.
 
   ``remat`` (layers.REMAT_OPTIONS) and ``attention_impl`` (ATTENTION_IMPLS) change how the blocks are
   computed, not their parameters or (beyond rounding) their outputs.
@@ -237,12 +239,13 @@ class DiT(nn.Module):
   num_classes: int = 0
   s_embed: bool = True
   extra_null_row: bool = False
+  augment_dim: int = 0
   dtype: Dtype = jnp.float32
   attention_impl: str | None = None
   remat: str = "none"
 
   @nn.compact
-  def __call__(self, x, c_t, c_s, labels=None, train: bool = False):
+  def __call__(self, x, c_t, c_s, labels=None, train: bool = False, augment_labels=None):
     del train  # no dropout in DiT
     n, hgt, wid, ch = x.shape
     p = self.patch_size
@@ -270,6 +273,9 @@ class DiT(nn.Module):
       labels = jnp.full((n,), self.num_classes, jnp.int32)
     num_rows = self.num_classes + 1 + int(self.extra_null_row)
     c = c + LabelEmbedder(num_rows, self.hidden_size, name="y_embedder")(labels)
+    if self.augment_dim:
+      c = c + augment_embedding(self.augment_dim, self.hidden_size, augment_labels, n, normal(0.02),
+                                "augment_embedder")
 
     h = tokens
     block_cls = remat_block(DiTBlock, self.remat)

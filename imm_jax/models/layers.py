@@ -232,18 +232,36 @@ def dense(x, kernel):
 
 
 class Dense(nn.Module):
-  """nn.Dense's layer (params ``kernel`` (in, out) and ``bias``, float32) computed in ``dtype`` through
-  :func:`dense`."""
+  """nn.Dense's layer (params ``kernel`` (in, out) and, with ``use_bias``, ``bias``; float32) computed in
+  ``dtype`` through :func:`dense`."""
 
   features: int
   kernel_init: Any = nn.initializers.lecun_normal()
   dtype: Dtype = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+    y = dense(x.astype(self.dtype), kernel)
+    if not self.use_bias:
+      return y
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    return dense(x.astype(self.dtype), kernel) + bias.astype(self.dtype)
+    return y + bias.astype(self.dtype)
+
+
+def augment_embedding(augment_dim: int, features: int, augment_labels, n: int, kernel_init, name: str):
+  """The bias-free linear map of the (N, augment_dim) augmentation labels (imm_jax.augment) that SongUNet
+  and DiT add to their conditioning embedding, in float32. None (the samplers) means zeros, i.e. an
+  un-augmented image, so the result is then 0; the layer is still applied so that its parameters exist
+  whether or not labels are given."""
+  if augment_labels is None:
+    augment_labels = jnp.zeros((n, augment_dim), jnp.float32)
+  if augment_labels.shape != (n, augment_dim):
+    raise ValueError(f"augmentation labels of shape {augment_labels.shape} for a network with "
+                     f"augment_dim={augment_dim} (config.model.augment_dim) and batch {n}")
+  return Dense(features, kernel_init=kernel_init, use_bias=False, name=name)(
+      jnp.asarray(augment_labels, jnp.float32))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imm_jax.models.layers import (Conv2d, Dense, GroupNorm, edm_positional_frequencies, normal,
-                                   precise_cos_sin, remat_block, xavier_uniform)
+from imm_jax.models.layers import (Conv2d, Dense, GroupNorm, augment_embedding, edm_positional_frequencies,
+                                   normal, precise_cos_sin, remat_block, xavier_uniform)
 
 Dtype = Any
 
@@ -108,14 +108,17 @@ class SongUNet(nn.Module):
   """G(x, c_t, c_s, y) on NHWC inputs.
 
   ``labels``: int (N,) with ``label_dim`` meaning null (embedded as the all-zero one-hot, like the
-  reference's unconditional rows), or None for unconditional models. ``remat``: layers.REMAT_OPTIONS,
-  applied to every UNetBlock (parameters unchanged).
+  reference's unconditional rows), or None for unconditional models. ``augment_labels``: (N,
+  augment_dim) augmentation parameters (imm_jax.augment; None = zeros = no augmentation) through EDM's
+  ``map_augment`` (bias-free, added next to the class embedding); ``augment_dim`` 0 has no such input.
+  ``remat``: layers.REMAT_OPTIONS, applied to every UNetBlock (parameters unchanged).
   """
 
   img_resolution: int
   in_channels: int
   out_channels: int
   label_dim: int = 0
+  augment_dim: int = 0
   model_channels: int = 128
   channel_mult: Sequence[int] = (2, 2, 2)
   channel_mult_emb: int = 4
@@ -150,7 +153,7 @@ class SongUNet(nn.Module):
     return jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
 
   @nn.compact
-  def __call__(self, x, c_t, c_s, labels=None, train: bool = False):
+  def __call__(self, x, c_t, c_s, labels=None, train: bool = False, augment_labels=None):
     self._check()
     n = x.shape[0]
     emb_channels = self.model_channels * self.channel_mult_emb
@@ -166,6 +169,8 @@ class SongUNet(nn.Module):
         labels = jnp.full((n,), self.label_dim, jnp.int32)
       onehot = jax.nn.one_hot(labels, self.label_dim, dtype=jnp.float32)  # null -> all-zero row
       emb = emb + dense(emb.shape[-1], "map_label")(onehot * np.sqrt(self.label_dim))
+    if self.augment_dim:
+      emb = emb + augment_embedding(self.augment_dim, emb.shape[-1], augment_labels, n, _INIT, "map_augment")
     emb = dense(emb_channels, "map_layer1")(nn.silu(dense(emb_channels, "map_layer0")(emb)))
     if self.s_embed and c_s is not None:
       c_s = jnp.broadcast_to(jnp.asarray(c_s, jnp.float32).reshape(-1), (n,))

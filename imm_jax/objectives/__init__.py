@@ -16,10 +16,14 @@ network and its optimizer state) also have
   * ``update_extra(extra, params, inputs, rng, tx) -> (extra, metrics)``: run first in every step, on the
     whole prepared batch;
 and their ``loss`` takes ``extra`` as a fourth argument.
+
+IMM and flow matching also take ``augment`` (imm_jax.augment, from ``config.augment``): ``prepare``
+then augments the batch first and the prepared inputs carry the augmentation labels to the network.
 """
 
 from __future__ import annotations
 
+from imm_jax import augment as augment_lib
 from imm_jax.models.precond import Precond
 from imm_jax.objectives.flow_matching import FlowMatchingConfig, FlowMatchingObjective
 from imm_jax.objectives.imm import IMMConfig, IMMObjective
@@ -32,14 +36,17 @@ IMM_PASSES_PER_EXAMPLE = 4.0
 
 def make_objective(config, net, precond: Precond, null_label: int | None):
   """The objective named by ``config.objective`` for network ``net`` (a Flax module)."""
-  def net_apply(params, x_in, c_t, c_s, labels, rng):
-    return net.apply({"params": params}, x_in, c_t, c_s, labels, train=True, rngs={"dropout": rng})
+  def net_apply(params, x_in, c_t, c_s, labels, rng, **kwargs):  # kwargs: augment_labels
+    return net.apply({"params": params}, x_in, c_t, c_s, labels, train=True, rngs={"dropout": rng}, **kwargs)
 
+  augment = augment_lib.for_training(config, net)
   if config.objective == "imm":
-    return IMMObjective(net_apply=net_apply, precond=precond, cfg=IMMConfig.from_config(config.imm), null_label=null_label)
+    return IMMObjective(net_apply=net_apply, precond=precond, cfg=IMMConfig.from_config(config.imm),
+                        null_label=null_label, augment=augment)
   if config.objective == "flow_matching":
     return FlowMatchingObjective(net_apply=net_apply, precond=precond,
-                                 cfg=FlowMatchingConfig.from_config(config.flow_matching), null_label=null_label)
+                                 cfg=FlowMatchingConfig.from_config(config.flow_matching), null_label=null_label,
+                                 augment=augment)
   if config.objective == "moment_matching":
     return MomentMatchingObjective(net_apply=net_apply, precond=precond,
                                    cfg=MomentMatchingConfig.from_config(config.moment_matching),

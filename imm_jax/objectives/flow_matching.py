@@ -30,6 +30,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from imm_jax import augment as augment_lib
 from imm_jax.interpolants import expand_to, gaussian
 from imm_jax.models.precond import Precond
 from imm_jax.objectives.imm import drop_labels
@@ -88,6 +89,7 @@ class FlowMatchingObjective:
   precond: Precond
   cfg: FlowMatchingConfig
   null_label: int | None = None
+  augment: augment_lib.Augment | None = None
 
   group_size = 1
   passes_per_example = PASSES_PER_EXAMPLE
@@ -98,14 +100,14 @@ class FlowMatchingObjective:
                        "config.precond.interpolant='ot_fm'")
 
   def prepare(self, batch, rng):
-    x = batch["x"].astype(jnp.float32)
+    x, rng, extra = augment_lib.augment_inputs(self.augment, batch["x"].astype(jnp.float32), rng)
     n = x.shape[0]
     k_t, k_s, k_noise, k_drop = jax.random.split(rng, 4)
     t = jax.random.uniform(k_t, (n,), jnp.float32, self.cfg.eps, self.cfg.T)
     s = self.cfg.eps + (t - self.cfg.eps) * jax.random.uniform(k_s, (n,), jnp.float32)
     noise = gaussian(k_noise, x.shape, self.precond.sigma_d)
     inputs = {"x": x, "x_t": expand_to(1.0 - t, x) * x + expand_to(t, x) * noise, "noise": noise,
-              "s": s, "t": t}
+              "s": s, "t": t, **extra}
     if self.null_label is not None:
       inputs["label"] = drop_labels(k_drop, batch["label"], self.cfg.label_dropout, self.null_label)
     return inputs
@@ -114,7 +116,8 @@ class FlowMatchingObjective:
     x, x_t, noise, s, t = (inputs[k] for k in ("x", "x_t", "noise", "s", "t"))
     c_t, c_s = self.precond.noise_labels(s, t)
     x_in = expand_to(self.precond.c_in(t), x_t) * x_t
-    g = self.net_apply(params, x_in, c_t, c_s, inputs.get("label"), rng).astype(jnp.float32)
+    g = self.net_apply(params, x_in, c_t, c_s, inputs.get("label"), rng,
+                       **augment_lib.net_kwargs(inputs)).astype(jnp.float32)
     err = jnp.mean(jnp.square(g - g_target(self.precond, x, noise, expand_to(t, x))).reshape(x.shape[0], -1),
                    axis=1)
     loss = jnp.mean(loss_weight(self.precond, t, self.cfg.prediction) * err)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from imm_jax import augment as augment_lib
 from imm_jax.interpolants import Interpolant, expand_to, gaussian
 from imm_jax.models.precond import Precond, denoise
 
@@ -132,14 +133,16 @@ class IMMObjective:
   mean over the groups it is given, so splitting the prepared batch into micro-batches of whole
   groups (gradient accumulation, device sharding) leaves the result unchanged.
 
-  ``net_apply(params, x_in, c_t, c_s, labels, rng) -> G`` runs the network in training mode (dropout
-  draws from ``rng``). ``null_label`` is None for unconditional models.
+  ``net_apply(params, x_in, c_t, c_s, labels, rng[, augment_labels=]) -> G`` runs the network in
+  training mode (dropout draws from ``rng``). ``null_label`` is None for unconditional models. With
+  ``augment``, both passes of a particle see its image's augmentation labels.
   """
 
   net_apply: Callable[..., Any]
   precond: Precond
   cfg: IMMConfig
   null_label: int | None = None
+  augment: augment_lib.Augment | None = None
 
   @property
   def group_size(self) -> int:
@@ -150,16 +153,17 @@ class IMMObjective:
     b, m = x.shape[0], self.cfg.group_size
     if b % m:
       raise ValueError(f"the batch size {b} must be a multiple of config.imm.group_size={m}")
+    x, rng, inputs = augment_lib.augment_inputs(self.augment, x, rng)
     ip = self.precond.interpolant
     k_time, k_noise, k_drop = jax.random.split(rng, 3)
     s, r, t = (jnp.repeat(v, m) for v in sample_times(k_time, b // m, self.cfg, ip))
     noise = gaussian(k_noise, x.shape, self.precond.sigma_d)
-    inputs = {
+    inputs.update({
         "x_t": expand_to(ip.alpha(t), x) * x + expand_to(ip.sigma(t), x) * noise,
         # x_r = DDIM(x_t, x, r, t) = alpha_r x + sigma_r eps: the same x and eps as x_t (App. C.2).
         "x_r": expand_to(ip.alpha(r), x) * x + expand_to(ip.sigma(r), x) * noise,
         "s": s, "r": r, "t": t,
-    }
+    })
     if self.null_label is not None:
       # One dropped label serves both passes.
       inputs["label"] = drop_labels(k_drop, batch["label"], self.cfg.label_dropout, self.null_label)
@@ -171,10 +175,11 @@ class IMMObjective:
     b = inputs["x_t"].shape[0]
     g = b // m
     labels = inputs.get("label")
+    net_kwargs = augment_lib.net_kwargs(inputs)
     k_t, k_r = jax.random.split(rng)
 
     def f(p, x_in, s_in, t_in, key):
-      apply = lambda xi, ct, cs, y: self.net_apply(p, xi, ct, cs, y, key)
+      apply = lambda xi, ct, cs, y: self.net_apply(p, xi, ct, cs, y, key, **net_kwargs)
       return denoise(apply, self.precond, x_in, s_in, t_in, labels)
 
     s, r, t = inputs["s"], inputs["r"], inputs["t"]
