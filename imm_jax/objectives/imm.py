@@ -153,17 +153,17 @@ class IMMObjective:
     b, m = x.shape[0], self.cfg.group_size
     if b % m:
       raise ValueError(f"the batch size {b} must be a multiple of config.imm.group_size={m}")
-    x, rng, inputs = augment_lib.augment_inputs(self.augment, x, rng)
+    x, rng, extra = augment_lib.augment_inputs(self.augment, x, rng)
     ip = self.precond.interpolant
     k_time, k_noise, k_drop = jax.random.split(rng, 3)
     s, r, t = (jnp.repeat(v, m) for v in sample_times(k_time, b // m, self.cfg, ip))
     noise = gaussian(k_noise, x.shape, self.precond.sigma_d)
-    inputs.update({
+    inputs = {
         "x_t": expand_to(ip.alpha(t), x) * x + expand_to(ip.sigma(t), x) * noise,
         # x_r = DDIM(x_t, x, r, t) = alpha_r x + sigma_r eps: the same x and eps as x_t (App. C.2).
         "x_r": expand_to(ip.alpha(r), x) * x + expand_to(ip.sigma(r), x) * noise,
-        "s": s, "r": r, "t": t,
-    })
+        "s": s, "r": r, "t": t, **extra,
+    }
     if self.null_label is not None:
       # One dropped label serves both passes.
       inputs["label"] = drop_labels(k_drop, batch["label"], self.cfg.label_dropout, self.null_label)
