@@ -41,18 +41,22 @@ CUBLAS="--xla_gpu_enable_triton_gemm=false"
 # (60% of the GPU) without it, and the dots policy costs 11% more time at the roofline (B/2: 15%).
 XL2_TRAIN="--config configs/imagenet256.py:XL/2 --config.batch_size=128 $DIT --what train"
 B2_TRAIN="--config configs/imagenet256.py:B/2 --config.batch_size=256 $DIT --what train"
+# configs/cifar10.py's step includes EDM's augmentation (imm_jax/augment.py); the last run times the step
+# without it, as the PyTorch reference step has none.
+CIFAR_TRAIN="--config configs/cifar10.py --config.batch_size=256 $BF16 --what train"
 SAMPLE_1="--config configs/imagenet256.py:XL/2 $DIT --what sample --steps 1 --cfg_scale 1.5 --batch_size 256"
 SAMPLE_8="--config configs/imagenet256.py:XL/2 $DIT --what sample --steps 8 --cfg_scale 1.5 --batch_size 256"
 RUNS=(
   "xl2_train_cublas|$CUBLAS|$XL2_TRAIN"
   "b2_train_cublas|$CUBLAS|$B2_TRAIN"
-  "ddpmpp_train||--config configs/cifar10.py --config.batch_size=256 $BF16 --what train"
+  "ddpmpp_train||$CIFAR_TRAIN"
   "xl2_sample_1step_cfg_cublas|$CUBLAS|$SAMPLE_1"
   "xl2_sample_8step_cfg_cublas|$CUBLAS|$SAMPLE_8"
   "xl2_train||$XL2_TRAIN"
   "b2_train||$B2_TRAIN"
   "xl2_sample_1step_cfg||$SAMPLE_1"
   "xl2_sample_8step_cfg||$SAMPLE_8"
+  "ddpmpp_train_noaug||$CIFAR_TRAIN --config.augment.p=0 --config.augment.xflip=False"
 )
 
 if [[ "$DRY_RUN" == 1 ]]; then
@@ -98,8 +102,9 @@ for run in "${RUNS[@]}"; do
       | awk '{print $4 " (XLA count)"}')
     peak=$(grep -m1 -o '"peak_memory_bytes": [0-9]*' "$OUT_DIR/$name.txt" | awk '{printf "%.1f GiB", $2 / 2^30}')
     echo "   $rate per second, MFU ${mfu:-n/a}, peak ${peak:-n/a} (${secs} s wall)" | tee -a "$OUT_DIR/summary.txt"
-    grep -m1 '^roofline of the compiled step' "$OUT_DIR/$name.txt" | sed 's/^/   /' | tee -a "$OUT_DIR/summary.txt"
-    grep -m1 '^profile:' "$OUT_DIR/$name.txt" | sed 's/^/   /' | tee -a "$OUT_DIR/summary.txt"
+    # (lines a run may not print: a missing one is not a failure of the script)
+    grep -m1 '^roofline of the compiled step' "$OUT_DIR/$name.txt" | sed 's/^/   /' | tee -a "$OUT_DIR/summary.txt" || true
+    grep -m1 '^profile:' "$OUT_DIR/$name.txt" | sed 's/^/   /' | tee -a "$OUT_DIR/summary.txt" || true
   elif [[ $rc -eq 124 ]]; then
     echo "   timed out after ${PER_RUN_TIMEOUT} s" | tee -a "$OUT_DIR/summary.txt"
   else

@@ -175,16 +175,19 @@ def test_gpu_benchmark_commands_parse_as_issue_8_asks(tmp_path):
   assert dry.returncode == 0 and not (tmp_path / "out").exists(), dry.stderr
   commands = _commands(dry.stdout)
   # The issue's five workloads (the DiT ones with cuBLAS GEMMs: Triton's off), then the four DiT ones
-  # again with XLA's default GEMMs.
+  # again with XLA's default GEMMs, then the CIFAR-10 step without its augmentation.
   envs = [c[:1] if c[0].startswith("XLA_FLAGS=") else [] for c in commands]
   cublas = ["XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"]
-  assert envs == [cublas, cublas, [], cublas, cublas] + [[]] * 4
+  assert envs == [cublas, cublas, [], cublas, cublas] + [[]] * 5
   commands = [c[len(e):] for c, e in zip(commands, envs)]
-  assert [c[:-1] for c in commands[5:]] == [commands[i][:-1] for i in (0, 1, 3, 4)]
+  assert [c[:-1] for c in commands[5:9]] == [commands[i][:-1] for i in (0, 1, 3, 4)]
+  no_aug = ["--config.augment.p=0", "--config.augment.xflip=False"]
+  assert [a for a in commands[9][:-1] if a not in no_aug] == commands[2][:-1] and set(no_aug) <= set(commands[9])
   assert [c[-1].rsplit("/", 1)[1] for c in commands] == [  # each run profiles into its own folder
       "profile_xl2_train_cublas", "profile_b2_train_cublas", "profile_ddpmpp_train",
       "profile_xl2_sample_1step_cfg_cublas", "profile_xl2_sample_8step_cfg_cublas", "profile_xl2_train",
-      "profile_b2_train", "profile_xl2_sample_1step_cfg", "profile_xl2_sample_8step_cfg"]
+      "profile_b2_train", "profile_xl2_sample_1step_cfg", "profile_xl2_sample_8step_cfg",
+      "profile_ddpmpp_train_noaug"]
   commands = commands[:5]
   assert all(c[:3] == ["python3", "-m", "imm_jax.benchmark"] for c in commands)
   parsed = []
@@ -228,7 +231,7 @@ esac
   r = _run(GPU_BENCH, str(out), PYTHON=str(fake))
   assert r.returncode == 0, r.stderr
   summary = (out / "summary.txt").read_text()
-  assert summary.count("== ") == 9
+  assert summary.count("== ") == 10
   assert "== xl2_train_cublas: XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python -m imm_jax.benchmark" in summary
   assert (out / "xl2_train_cublas.txt").read_text().splitlines()[-1] == \
       "XLA_FLAGS=--xla_gpu_enable_triton_gemm=false"  # the run's environment
