@@ -29,7 +29,16 @@ def test_bars_are_horizontal_and_rotations_measure_their_angle():
 
 
 @pytest.mark.slow
-def test_experiment_writes_its_table_json_and_figure(tmp_path):
+def test_experiment_writes_its_table_json_and_figure(tmp_path, monkeypatch):
+  config_of = L.run_config
+
+  def tiny(*args, **kwargs):  # the experiment's runs with a one-block network and batch 16
+    c = config_of(*args, **kwargs)
+    c.batch_size = 16
+    c.model.update(hidden_size=32, depth=1, num_heads=2)
+    return c
+
+  monkeypatch.setattr(L, "run_config", tiny)
   results = L.run(str(tmp_path / "work"), str(tmp_path / "out"), train_steps=4, checkpoint_every=2, p=0.5,
                   num=16, seed=0, command="test")
   assert set(results["runs"]) == set(L.RUNS)
