@@ -154,16 +154,17 @@ def run(workdir: str, out: str, *, train_steps: int, checkpoint_every: int, p: f
     np.savez(f, images=data)
   results = {"command": command, "data_tilted": tilted_share(data), "p": p, "train_steps": train_steps,
              "sample_steps": SAMPLE_STEPS, "tilt_degrees": TILT_DEGREES, "num": num, "runs": {}}
-  last = {}
+  last, augment = {}, None
   for name in RUNS:
     c = run_config(data_path, name, train_steps=train_steps, checkpoint_every=checkpoint_every, p=p, seed=seed)
+    augment = augment or Augment.from_config(c.augment)  # the rotations the augmented runs train with
     run_dir = os.path.join(workdir, name.replace(", ", "_").replace(" ", "_").replace("=", ""))
     train_and_evaluate(c, run_dir)
     measured = measure(c, run_dir, num, seed)
     results["runs"][name] = {str(s): share for s, (share, _) in measured.items()}
     last[name] = measured[max(measured)][1]
   x = jnp.asarray(data[:32], jnp.float32) / 127.5 - 1.0
-  augmented, _ = Augment(p=p, xflip=False, transforms=("rotate",))(jax.random.key(seed), x)
+  augmented, _ = augment(jax.random.key(seed), x)
   os.makedirs(os.path.join(out, "results"), exist_ok=True)
   figure(data, to_uint8(np.asarray(augmented)), last, os.path.join(out, "results", "augment_leak.png"))
   with atomic_open(os.path.join(out, "results", "augment_leak.json"), "w") as f:
