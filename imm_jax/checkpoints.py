@@ -104,14 +104,38 @@ def restore_ema_variables(workdir: str, abstract_params: Any, step: int | None =
   return variables, step
 
 
-def _saved_buffers(manager: ocp.CheckpointManager, step: int):
-  """The array metadata of a checkpoint's ``buffers`` entry, or None (train states have none)."""
+def _saved_tree(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """The array metadata (shape, dtype) of a checkpoint's ``state`` item, or None if unreadable."""
   path = epath.Path(str(manager.directory)) / str(step) / "state"
   try:
     tree = ocp.PyTreeCheckpointHandler().metadata(path).tree
-  except Exception:  # an unreadable or differently laid out checkpoint: no buffers to offer
+  except Exception:  # an unreadable or differently laid out checkpoint
     return None
-  return tree.get("buffers") if isinstance(tree, dict) else None
+  return tree if isinstance(tree, dict) else None
+
+
+def _saved_buffers(manager: ocp.CheckpointManager, step: int):
+  """The array metadata of a checkpoint's ``buffers`` entry, or None (train states have none)."""
+  tree = _saved_tree(manager, step)
+  return tree.get("buffers") if tree is not None else None
+
+
+def ema_params_layout(workdir: str, step: int | None = None):
+  """``(step, shapes, has_buffers)`` of a workdir's checkpoint (the latest when ``step`` is None), read
+  from its metadata without restoring anything: ``shapes`` is the EMA parameters' tree of
+  ShapeDtypeStructs (None if the checkpoint has no readable ``ema_params``), ``has_buffers`` whether it
+  carries non-parameter variables (``save_params_only(..., buffers=...)``)."""
+  manager = create_manager(workdir, read_only=True, async_save=False)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None or step not in manager.all_steps():
+      return step, None, False
+    tree = _saved_tree(manager, step) or {}
+  finally:
+    manager.close()
+  ema = tree.get("ema_params")
+  shapes = None if ema is None else jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), ema)
+  return step, shapes, bool(tree.get("buffers"))
 
 
 def save_params_only(workdir: str, ema_params: Any, step: int = 0, *, buffers: Any = None):

@@ -64,6 +64,13 @@ def base_config() -> ml_collections.ConfigDict:
       aux_teacher_reg=True, preconditioner="adam", teacher_cfg_scale=1.0))
   c.teacher = ml_collections.ConfigDict(dict(workdir="", step=ml_collections.config_dict.placeholder(int)))
 
+  # Start a new run from another run's network (fine-tuning; trainer.load_start_params): the EMA
+  # parameters of a workdir written by imm_jax.train or imm_jax.convert (a released checkpoint), at
+  # ``step`` (None = latest), start the parameters and the EMA; optimizer, step and data order start
+  # fresh. Parameters the source lacks (an added class or augmentation embedding) keep their fresh
+  # initialisation. Not read when --workdir already holds checkpoints: that run resumes.
+  c.init = ml_collections.ConfigDict(dict(workdir="", step=ml_collections.config_dict.placeholder(int)))
+
   c.optim = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0,
       schedule="constant", grad_clip=0.0))

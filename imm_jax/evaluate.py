@@ -112,6 +112,7 @@ def evaluate(workdir: str, steps: Sequence[int] = (1, 2, 4, 8), *, num: int = 50
     ref_stats = fid_lib.load_statistics(ref)
     if extractor is None:
       extractor = fid_lib.InceptionExtractor(weights=inception, allow_download=download,
+                                             batch_size=min(fid_lib.BATCH_SIZE, shard_size),
                                              devices=generator.devices)
     fingerprint = _inception_fingerprint(extractor.variables)
   if "distance" in metrics:
@@ -266,8 +267,9 @@ def evaluate_checkpoints(workdir: str, steps: Sequence[int] = (1, 2, 4, 8), *, w
   if "fid" in metrics:
     fid_lib.load_statistics(ref)
     if extractor is None:
-      extractor = fid_lib.InceptionExtractor(weights=inception, allow_download=download,
-                                             devices=jax.local_devices())
+      extractor = fid_lib.InceptionExtractor(
+          weights=inception, allow_download=download, devices=jax.local_devices(),
+          batch_size=min(fid_lib.BATCH_SIZE, int(kwargs.get("shard_size", fid_lib.BATCH_SIZE))))
   is_main = jax.process_index() == 0
   done: set[int] = set()
   results: list[dict] = []

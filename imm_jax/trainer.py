@@ -153,8 +153,9 @@ def has_objective_state(objective) -> bool:
 def train_state_layout(model: Model, tx, objective, mesh, config):
   """The train state's layout from shapes alone: ``(init_fn, teacher_items, shardings, abstract)``.
 
-  ``init_fn(teacher)`` makes a fresh state (``init_state``); ``teacher_items`` are the teacher arrays a
-  distillation objective needs (empty otherwise; they are parameter-shaped, so nothing is loaded here);
+  ``init_fn(teacher, start_params)`` makes a fresh state (``init_state``); ``teacher_items`` are the
+  teacher arrays a distillation objective needs (empty otherwise; they are parameter-shaped, so nothing
+  is loaded here);
   ``abstract`` holds ShapeDtypeStructs carrying the state ``shardings`` (``parallel.state_shardings``).
   """
   init_fn = functools.partial(init_state, model, tx, int(config.seed), objective)
@@ -169,11 +170,17 @@ def train_state_layout(model: Model, tx, objective, mesh, config):
   return init_fn, teacher_items, shardings, abstract
 
 
-def init_state(model: Model, tx, seed: int, objective=None, teacher=None) -> TrainState:
+def init_state(model: Model, tx, seed: int, objective=None, teacher=None, start_params=None) -> TrainState:
   """A fresh state; objectives with their own state (distillation) set the initial parameters (the
-  teacher's) and ``extra`` from ``teacher`` (what ``load_teacher`` returns)."""
+  teacher's) and ``extra`` from ``teacher`` (what ``load_teacher`` returns). ``start_params`` (what
+  ``load_start_params`` returns) replace the fresh parameters they have an entry for."""
   params = model.init_params(jax.random.key(seed))
   extra = {}
+  if start_params is not None:
+    flat = flax.traverse_util.flatten_dict(params)
+    for path, value in flax.traverse_util.flatten_dict(start_params).items():
+      flat[path] = jnp.copy(jnp.asarray(value, flat[path].dtype))  # a copy: see the note below
+    params = flax.traverse_util.unflatten_dict(flat)
   if objective is not None and has_objective_state(objective):
     params, extra = objective.init_extra(params, teacher, tx)
     # Fresh buffers: under jit an output that is an input (the teacher) would come back as that very
@@ -224,6 +231,68 @@ def load_teacher(config, model: Model, items=("params",)) -> dict:
     manager.close()
   precond = adam_preconditioner(state.opt_state, float(teacher_config.optim.b2), float(teacher_config.optim.eps))
   return jax.device_get({"params": state.ema_params, "precond": precond})
+
+
+def load_start_params(config, model: Model) -> dict | None:
+  """``config.init``: the EMA parameters of another run (a workdir written by ``imm_jax.train`` or
+  ``imm_jax.convert``, at ``config.init.step`` or its latest checkpoint) that a new run starts from, on
+  the host; None when ``config.init.workdir`` is empty.
+
+  Read from the checkpoint's own layout, so the source may be any network with the same parameter
+  names and shapes: parameters this network has and the source lacks keep their fresh initialisation
+  (e.g. a class or augmentation embedding added for fine-tuning) and are listed; a source parameter
+  this network lacks, or has in another shape, stops the run. A different preconditioning is allowed
+  and named (the parameters then start from another function). The optimizer, the step, the EMA (set
+  to the loaded parameters) and the data order start fresh.
+  """
+  source = str(config.get("init", {}).get("workdir", "") or "")
+  if not source:
+    return None
+  where = f"config.init.workdir={source}"
+  if config.objective == "moment_matching":
+    raise ValueError(f"{where}: moment-matching distillation starts from its teacher "
+                     f"(config.teacher.workdir); leave config.init.workdir empty")
+  if not os.path.exists(os.path.join(source, checkpoints.CONFIG_FILE)):
+    raise FileNotFoundError(f"{where}: no {checkpoints.CONFIG_FILE} there; give a workdir written by "
+                            f"imm_jax.train or imm_jax.convert")
+  want_step = config.init.get("step", None)
+  step, shapes, has_buffers = checkpoints.ema_params_layout(source, want_step)
+  if step is None:
+    raise FileNotFoundError(f"{where} holds no checkpoint yet: train it first, or give another workdir")
+  if shapes is None:
+    saved = checkpoints.saved_steps(source)
+    raise ValueError(f"{where}: no EMA parameters at step {step} (its checkpoints: {saved}); set "
+                     f"config.init.step to one of them, or leave it unset for the latest")
+  if has_buffers:
+    raise ValueError(f"{where}: its checkpoint carries a reference DiT pos_embed that is not the "
+                     f"sin-cos table this trainer uses; it can be sampled (imm_jax.sample), not trained")
+  ours = flax.traverse_util.flatten_dict(model.abstract_params())
+  theirs = flax.traverse_util.flatten_dict(shapes)
+  name = "/".join
+  unknown = [name(p) for p in theirs if p not in ours]
+  misshapen = [f"{name(p)} {tuple(theirs[p].shape)} there, {tuple(ours[p].shape)} here"
+               for p in theirs if p in ours and tuple(theirs[p].shape) != tuple(ours[p].shape)]
+  if unknown or misshapen:
+    problems = [f"{what}: {'; '.join(items[:3])}" + (f" (and {len(items) - 3} more)" if len(items) > 3 else "")
+                for what, items in (("parameters this network lacks", unknown), ("other shapes", misshapen))
+                if items]
+    raise ValueError(f"{where} is another network ({'; '.join(problems)}): set config.model to the "
+                     f"source's network (its config.json), with additions only")
+  source_precond = checkpoints.read_config(source).get("precond", ml_collections.ConfigDict()).to_dict()
+  changed = sorted(k for k, v in config.precond.to_dict().items()
+                   if k in source_precond and _as_plain(source_precond[k]) != _as_plain(v))
+  if changed:
+    log.warning("config.init: the source was trained with another preconditioning (%s)",
+                ", ".join(f"precond.{k}: {source_precond[k]!r} there, {config.precond[k]!r} here"
+                          for k in changed))
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+  params, _ = checkpoints.restore_ema_params(source, abstract, step)
+  fresh = sorted(name(p) for p in ours if p not in theirs)
+  if jax.process_index() == 0:
+    print(f"initialised from {source} (step {step}): {len(theirs)} of {len(ours)} parameter arrays"
+          + (f"; fresh: {', '.join(fresh)}" if fresh else ""), flush=True)
+  return jax.device_get(params)
 
 
 # Network options added after runs were written: a saved config without one had its default.
@@ -336,6 +405,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     accum = int(config.get("grad_accum_steps", 1))
     parallel.check_batch_layout(int(config.batch_size), objective.group_size, mesh, accum)
     checkpoints.check_resumable(workdir, config)  # before anything in the workdir is written
+    start_params = None
+    if not checkpoints.has_checkpoint(workdir):
+      start_params = load_start_params(config, model)  # config.init: fine-tune another run's network
+    elif config.get("init", {}).get("workdir"):
+      log.info("resuming %s: config.init.workdir is not read", workdir)
 
     init_fn, teacher_items, state_sh, abstract = train_state_layout(model, tx, objective, mesh, config)
     local_batch = int(config.batch_size) // jax.process_count()
@@ -360,7 +434,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       log.info("resumed from step %d in %s", start, workdir)
     else:
       teacher = load_teacher(config, model, teacher_items) if teacher_items else None
-      state = jax.jit(init_fn, out_shardings=state_sh)(teacher)
+      state = jax.jit(init_fn, out_shardings=state_sh)(teacher, start_params)
       start = 0
       writer.write_hparams(config.to_dict())
     checkpoints.write_config(workdir, config)  # only once the workdir's checkpoint (if any) fits it

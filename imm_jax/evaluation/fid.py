@@ -39,6 +39,11 @@ __all__ = [
 EDM_REFS_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/fid-refs/"
 
 
+# Images per Inception batch by default. Evaluation extracts a shard at a time, in batches of
+# min(BATCH_SIZE, shard size): every batch runs padded to the full size, so small shards use small ones.
+BATCH_SIZE = 64
+
+
 class InceptionExtractor:
     """Inception pool features and logits of uint8 images, batched and sharded over local devices.
 
@@ -51,7 +56,7 @@ class InceptionExtractor:
     """
 
     def __init__(self, variables: Mapping[str, Any] | None = None, *, weights: str | None = None,
-                 allow_download: bool = False, batch_size: int = 64, size: int = inception_lib.INPUT_SIZE,
+                 allow_download: bool = False, batch_size: int = BATCH_SIZE, size: int = inception_lib.INPUT_SIZE,
                  devices=None):
         if variables is None:
             variables = inception_lib.load_inception(weights, allow_download=allow_download)
