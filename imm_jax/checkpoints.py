@@ -13,6 +13,7 @@ save is never mistaken for a checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -26,6 +27,17 @@ from flax.traverse_util import flatten_dict
 from imm_jax.io_utils import atomic_open
 
 CONFIG_FILE = "config.json"
+
+
+class _QuietReadOnly(logging.Filter):
+  """Orbax warns "Given directory is read only" whenever a read-only manager is made: that is what
+  sampling, evaluation and loading a teacher or a starting point ask for, so the line says nothing."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_QuietReadOnly())
 
 
 def checkpoint_dir(workdir: str) -> str:
