@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Start a new run from another run's network (fine-tuning; trainer.load_start_params): the EMA
   # parameters of a workdir written by imm_jax.train or imm_jax.convert (a released checkpoint), at
   # ``step`` (None = latest), start the parameters and the EMA; optimizer, step and data order start
-  # fresh. Parameters the source lacks (an added class or augmentation embedding) keep their fresh
+  # fresh. Parameters the source lacks (e.g. an added augmentation embedding) keep their fresh
   # initialisation. Not read when --workdir already holds checkpoints: that run resumes.
   c.init = ml_collections.ConfigDict(dict(workdir="", step=ml_collections.config_dict.placeholder(int)))
 

@@ -240,7 +240,7 @@ def load_start_params(config, model: Model) -> dict | None:
 
   Read from the checkpoint's own layout, so the source may be any network with the same parameter
   names and shapes: parameters this network has and the source lacks keep their fresh initialisation
-  (e.g. a class or augmentation embedding added for fine-tuning) and are listed; a source parameter
+  (e.g. an augmentation embedding added for fine-tuning) and are listed; a source parameter
   this network lacks, or has in another shape, stops the run. A different preconditioning is allowed
   and named (the parameters then start from another function). The optimizer, the step, the EMA (set
   to the loaded parameters) and the data order start fresh.
