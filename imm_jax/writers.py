@@ -23,6 +23,7 @@ import json
 import math
 import numbers
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -127,6 +128,21 @@ def _png_bytes(image: np.ndarray) -> tuple[bytes, int, int, int]:
     return buf.getvalue(), image.shape[0], image.shape[1], channels
 
 
+_EVENT_FILE = re.compile(r"^events\.out\.tfevents\.(\d+)\.")
+
+
+def _wait_for_a_later_second(logdir: str) -> None:
+    """TensorBoard reads a run's event files in name order. A name starts with its creation second,
+    then host, pid and a counter compared as text ("10" < "9"), so a file made in the same second as
+    an earlier one (a resume right after a stop) can sort first, and the resumed run's SessionLog.START
+    would then be read before the steps it drops. Waits (under a second) until the new file's second
+    is later than every existing file's."""
+    seconds = [int(m.group(1)) for m in map(_EVENT_FILE.match, os.listdir(logdir)) if m]
+    latest = max(seconds, default=-1)
+    while int(time.time()) == latest:
+        time.sleep(0.02)
+
+
 class MetricWriter:
     """Writes scalars to ``metrics.jsonl`` and TensorBoard; images, text and hparams to TensorBoard.
 
@@ -152,6 +168,7 @@ class MetricWriter:
         self._metrics_path = os.path.join(logdir, METRICS_FILENAME)
         self._drop_torn_tail()
         self._jsonl = open(self._metrics_path, "a", encoding="utf-8")
+        _wait_for_a_later_second(logdir)
         self._event_writer = EventFileWriter(logdir, max_queue_size=100, flush_secs=flush_secs)
 
     # -- internals ---------------------------------------------------------------------------------

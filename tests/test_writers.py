@@ -116,7 +116,12 @@ def test_write_after_close_raises(tmp_path):
         w.write_scalars(1, {"loss": 1.0})
 
 
-def test_resume_truncates_rerun_steps_in_both_sinks(tmp_path):
+def test_resume_truncates_rerun_steps_in_both_sinks(tmp_path, monkeypatch):
+    from tensorboard.summary.writer import event_file_writer
+
+    # The two event files get the counters 9 and 10 in their names: within one second "10" sorts
+    # before "9", which TensorBoard's loader would read first.
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(9))
     logdir = str(tmp_path)
     with MetricWriter(logdir) as w:  # first run: checkpoint at step 3, crash after step 5
         for step in range(1, 6):
