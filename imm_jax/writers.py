@@ -135,8 +135,9 @@ def _wait_for_a_later_second(logdir: str) -> None:
     """TensorBoard reads a run's event files in name order. A name starts with its creation second,
     then host, pid and a counter compared as text ("10" < "9"), so a file made in the same second as
     an earlier one (a resume right after a stop) can sort first, and the resumed run's SessionLog.START
-    would then be read before the steps it drops. Waits (under a second) until the new file's second
-    is later than every existing file's."""
+    would then be read before the steps it drops. When the newest existing file was made in this very
+    second, waits (under a second) for the next one. (Clock skew, a file from a later second, is left
+    as it is.)"""
     seconds = [int(m.group(1)) for m in map(_EVENT_FILE.match, os.listdir(logdir)) if m]
     latest = max(seconds, default=-1)
     while int(time.time()) == latest:
