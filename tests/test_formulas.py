@@ -4,7 +4,8 @@ Every expected value is independent of the code under test: a number quoted in t
 derived by hand, or a NumPy float64 re-implementation written here from the spec's equations.
 
 Covers interpolants and DDIM, preconditioning (c_in, c_skip, c_out, noise labels, kernel scale,
-guidance), the time weighting w(s, t), the eta-decrement r(s, t), time sampling, the Laplace / RBF
+guidance), the time weighting w(s, t) and Table 4's reductions of it, the eta-decrement r(s, t) and the
+other mappings of Fig. 11, time sampling, the Laplace / RBF
 kernels with the V-statistic MMD, and the samplers (schedules, pushforward, restart).
 """
 
@@ -25,6 +26,7 @@ from imm_jax.objectives.imm import (
     eta_decrement_r,
     group_mmd,
     kernel_matrix,
+    mapped_r,
     sample_times,
     time_weight,
 )
@@ -481,6 +483,115 @@ def test_gap_at_T_for_k12_is_about_1p4e_minus_6():
   # the fp16 variant keeps it at Delta = 1e-4
   gap = 0.994 - float(eta_decrement_r(0.0, 0.994, OT, 12, min_gap=1e-4))
   assert gap == pytest.approx(1e-4, rel=1e-3)
+
+
+# -- the other mappings of Fig. 11 (config.imm.mapping) ----------------------------------------------
+
+
+def _np_mapped_r_ot(mapping, s, t, k, eps, T):
+  """float64 closed forms under OT-FM (alpha = 1 - t, sigma = t): lambda = 2 log((1 - t) / t), so
+  t = 1 / (1 + exp(lambda / 2)); 1/eta = (1 - t) / t, so t = 1 / (1 + 1/eta)."""
+  lam = lambda u: 2 * np.log((1 - u) / u)
+  if mapping == "t":
+    r = t - (T - eps) / 2.0**k
+  elif mapping == "logsnr":
+    r = 1 / (1 + np.exp((lam(t) + (lam(eps) - lam(T)) / 2.0**k) / 2))
+  else:
+    inv = lambda u: (1 - u) / u
+    r = 1 / (1 + inv(t) + (inv(eps) - inv(T)) / 2.0**k)
+  return np.maximum(s, r)
+
+
+@pytest.mark.parametrize("mapping", ["t", "logsnr", "inv_eta"])
+@pytest.mark.parametrize("k", [6, 10])
+def test_other_mappings_match_their_closed_forms(mapping, k):
+  eps, T = 0.001, 0.994
+  cfg = IMMConfig(eps=eps, T=T, k=k, mapping=mapping)
+  rng = np.random.default_rng(11)
+  t = rng.uniform(eps, T, 4000).astype(np.float32)
+  s = (eps + (t - eps) * rng.uniform(size=4000)).astype(np.float32)
+  got = np.asarray(mapped_r(jnp.asarray(s), jnp.asarray(t), cfg, OT), np.float64)
+  want = _np_mapped_r_ot(mapping, s.astype(np.float64), t.astype(np.float64), k, eps, T)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+  assert np.all(got >= s) and np.all(got < t)
+  assert np.any(got == s) and np.any(got > s)  # both the base case and the step occur
+
+
+def test_mappings_step_by_their_own_variable_on_the_cosine_schedule():
+  eps, T, k = 0.001, 0.994, 8
+  t = np.linspace(0.05, 0.95, 19)
+  lam = lambda u: 2 * np.log(np.cos(np.pi * u / 2) / np.sin(np.pi * u / 2))
+  inv_eta = lambda u: 1 / np.tan(np.pi * u / 2)
+  for mapping, var, span in (("logsnr", lam, lam(eps) - lam(T)), ("inv_eta", inv_eta, inv_eta(eps) - inv_eta(T))):
+    cfg = IMMConfig(eps=eps, T=T, k=k, mapping=mapping)
+    r = np.asarray(mapped_r(jnp.zeros(19), jnp.asarray(t, jnp.float32), cfg, COS), np.float64)
+    np.testing.assert_allclose(var(r) - var(t.astype(np.float32)), span / 2**k, rtol=2e-3)
+
+
+def test_gap_statistics_of_the_t_mapping_match_quadrature():
+  # r = max(s, t - delta) with s ~ U(eps, t): given L = t - eps, P(r = s) = min(1, delta / L) and
+  # E[t - r] = L / 2 if L <= delta else delta - delta^2 / (2 L); t ~ U(eps, T).
+  from imm_jax.experiments.mappings import gap_statistics, step_curve
+
+  eps, T, k = 0.001, 0.994, 6
+  cfg = IMMConfig(eps=eps, T=T, k=k, mapping="t")
+  delta = (T - eps) / 2**k
+  L = np.linspace(0, T - eps, 2_000_001)[1:]
+  p_base = np.mean(np.minimum(1.0, delta / L))
+  mean_gap = np.mean(np.where(L <= delta, L / 2, delta - delta**2 / (2 * L)))
+  st = gap_statistics(cfg, OT, draws=400_000)
+  assert st["delta"] == pytest.approx(delta, rel=1e-12)
+  assert st["base_case_frac"] == pytest.approx(p_base, abs=5 * math.sqrt(p_base * (1 - p_base) / 400_000))
+  assert st["mean_gap"] == pytest.approx(mean_gap, rel=0.01)
+  assert all(b == pytest.approx(mean_gap, rel=0.05) for b in st["band_gaps"][1:])  # away from t = eps
+  curve = step_curve(cfg, OT)
+  assert all(g == pytest.approx(delta, rel=1e-4) for t, g in curve.items() if t > delta + 1e-3)
+
+
+def test_eta_mapping_is_the_eta_decrement_and_min_gap_applies_to_all():
+  t = jnp.asarray([0.3, 0.9, 0.994], jnp.float32)
+  s = jnp.zeros(3)
+  cfg = IMMConfig(eps=0.006, T=0.994, k=12)
+  assert cfg.mapping == "eta" and cfg.weighting == "full"  # the paper's
+  np.testing.assert_array_equal(mapped_r(s, t, cfg, OT), eta_decrement_r(s, t, OT, 12))
+  for mapping in ("eta", "t", "logsnr", "inv_eta"):
+    cfg = IMMConfig(eps=0.006, T=0.994, k=20, min_gap=1e-3, mapping=mapping)
+    np.testing.assert_allclose(t - mapped_r(s, t, cfg, OT), 1e-3, rtol=1e-3)
+
+
+def test_mapping_and_weighting_options_are_checked():
+  with pytest.raises(ValueError, match="config.imm.mapping"):
+    IMMConfig(mapping="lambda")
+  with pytest.raises(ValueError, match="config.imm.weighting"):
+    IMMConfig(weighting="elbo_only")
+  for mapping in ("logsnr", "inv_eta"):  # their range over [0, T] is infinite
+    with pytest.raises(ValueError, match="config.imm.eps > 0"):
+      IMMConfig(eps=0.0, mapping=mapping)
+  with pytest.raises(ValueError, match="config.imm.T < 1"):
+    IMMConfig(eps=0.001, T=1.0, mapping="logsnr")
+  IMMConfig(eps=0.0, T=1.0, mapping="t")
+
+
+def test_config_without_the_newer_options_reads_as_the_paper():
+  import ml_collections
+
+  from imm_jax.config_base import base_config
+  old = ml_collections.ConfigDict({k: v for k, v in base_config().imm.items() if k not in ("mapping", "weighting")})
+  cfg = IMMConfig.from_config(old)
+  assert (cfg.mapping, cfg.weighting) == ("eta", "full")
+
+
+@pytest.mark.parametrize("a,b", [(1.0, 4.0), (2.0, 5.0)])
+def test_weighting_reductions_of_table_4(a, b):
+  t = np.linspace(0.006, 0.994, 41)
+  lam = 2 * np.log((1 - t) / t)
+  elbo = 1 / (1 + np.exp(-(b - lam))) / (t * (1 - t))  # 1/2 sigmoid(b - lambda) * 2 / (t (1 - t))
+  tj = jnp.asarray(t, jnp.float32)
+  np.testing.assert_array_equal(time_weight(tj, OT, a, b, "none"), np.ones(41))
+  np.testing.assert_allclose(time_weight(tj, OT, a, b, "elbo"), elbo, rtol=2e-4)
+  np.testing.assert_allclose(time_weight(tj, OT, a, b, "elbo_alpha"), elbo * (1 - t) ** a, rtol=2e-4)
+  np.testing.assert_allclose(time_weight(tj, OT, a, b, "full"),
+                             elbo * (1 - t) ** a / ((1 - t) ** 2 + t**2), rtol=2e-4)
 
 
 def _exact_base_case_probability(k, eps, T=0.994, n=400_001):

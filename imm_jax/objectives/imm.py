@@ -9,6 +9,7 @@ matrices need no cross-device traffic; only the final mean is reduced.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -19,6 +20,11 @@ from imm_jax.interpolants import Interpolant, expand_to, gaussian
 from imm_jax.models.precond import Precond, denoise
 
 KERNELS = ("laplace", "rbf")
+# r(s, t): a constant step from t towards the data in one of these variables (App. C.6, Fig. 11).
+MAPPINGS = ("eta", "t", "logsnr", "inv_eta")
+# w(s, t) of Eq. 13 and its reductions in Table 4: none (w = 1), elbo (1/2 sigmoid(b - lambda) (-dlambda/dt)),
+# elbo_alpha (times alpha_t^a), full (times 1 / (alpha_t^2 + sigma_t^2) as well).
+WEIGHTINGS = ("full", "elbo_alpha", "elbo", "none")
 KERNEL_DIST_EPS = 1e-8  # epsilon_k: the Laplace kernel's max(||a - b||, eps) keeps the diagonal's gradient 0
 
 
@@ -27,21 +33,25 @@ class IMMConfig:
   group_size: int = 4            # M
   eps: float = 0.006             # t ~ U(eps, T)
   T: float = 0.994
-  k: int = 15                    # delta = (eta_max - eta_min) / 2^k
-  eta_max: float = 160.0
+  k: int = 15                    # the step is 2^-k of the mapped variable's range (mapping_delta)
+  eta_max: float = 160.0         # the eta mapping's range: delta = (eta_max - eta_min) / 2^k
   eta_min: float = 0.0
   min_gap: float = 0.0           # Delta of the fp16 variant: r <= t - Delta (0 disables)
   kernel: str = "laplace"
   weight_a: float = 1.0
   weight_b: float = 5.0
   label_dropout: float = 0.0
+  mapping: str = "eta"           # MAPPINGS
+  weighting: str = "full"        # WEIGHTINGS
 
   @classmethod
   def from_config(cls, cfg) -> "IMMConfig":
     return cls(group_size=int(cfg.group_size), eps=float(cfg.eps), T=float(cfg.T), k=int(cfg.k),
                eta_max=float(cfg.eta_max), eta_min=float(cfg.eta_min), min_gap=float(cfg.min_gap),
                kernel=cfg.kernel, weight_a=float(cfg.weight_a), weight_b=float(cfg.weight_b),
-               label_dropout=float(cfg.label_dropout))
+               label_dropout=float(cfg.label_dropout),
+               # config.json of runs from before these options: the paper's choices
+               mapping=cfg.get("mapping", "eta"), weighting=cfg.get("weighting", "full"))
 
   def __post_init__(self):
     if self.kernel not in KERNELS:
@@ -50,6 +60,15 @@ class IMMConfig:
       raise ValueError(f"config.imm.group_size must be >= 1, got {self.group_size}")
     if not 0.0 <= self.eps < self.T <= 1.0:
       raise ValueError(f"need 0 <= config.imm.eps < config.imm.T <= 1, got eps={self.eps}, T={self.T}")
+    if self.mapping not in MAPPINGS:
+      raise ValueError(f"unknown mapping {self.mapping!r} (config.imm.mapping): choose one of {MAPPINGS}")
+    if self.weighting not in WEIGHTINGS:
+      raise ValueError(f"unknown weighting {self.weighting!r} (config.imm.weighting): choose one of {WEIGHTINGS}")
+    if self.mapping in ("logsnr", "inv_eta") and self.eps <= 0:
+      raise ValueError(f"config.imm.mapping={self.mapping!r} needs config.imm.eps > 0: its step is a fraction "
+                       "of the range over [eps, T], infinite at eps = 0 (the paper used eps=0.001)")
+    if self.mapping == "logsnr" and self.T >= 1:
+      raise ValueError("config.imm.mapping='logsnr' needs config.imm.T < 1: lambda(1) is -infinity")
 
 
 def eta_decrement_r(s, t, interpolant: Interpolant, k: int, eta_max: float = 160.0,
@@ -63,25 +82,72 @@ def eta_decrement_r(s, t, interpolant: Interpolant, k: int, eta_max: float = 160
   return jnp.maximum(s, r)
 
 
+def mapping_delta(cfg: IMMConfig, interpolant: Interpolant) -> float:
+  """The mapping's constant step: 2^-k of its variable's range, (eta_max - eta_min) for eta (the paper's
+  constants) and the range over the training times [eps, T] for the others."""
+  if cfg.mapping == "eta":
+    span = cfg.eta_max - cfg.eta_min
+  elif cfg.mapping == "t":
+    span = cfg.T - cfg.eps
+  elif cfg.mapping == "logsnr":
+    span = float(interpolant.logsnr(cfg.eps) - interpolant.logsnr(cfg.T))
+  else:
+    span = float(1.0 / interpolant.eta(cfg.eps) - 1.0 / interpolant.eta(cfg.T))
+  return span / 2.0**cfg.k
+
+
+def mapped_r(s, t, cfg: IMMConfig, interpolant: Interpolant):
+  """r(s, t) by ``cfg.mapping``, a constant step from t towards the data (App. C.6; Fig. 11 compares them):
+
+    eta      eta(r) = eta(t) - delta           (the paper's choice; eta_decrement_r)
+    t        r = t - delta
+    logsnr   lambda(r) = lambda(t) + delta     i.e. eta(r) = eta(t) exp(-delta / 2)
+    inv_eta  1/eta(r) = 1/eta(t) + delta       i.e. eta(r) = eta(t) / (1 + delta eta(t))
+
+  with delta = mapping_delta(cfg), then r = max(s, min(t - min_gap, r)) as for eta. (The paper names
+  the logsnr mapping a "decrement in lambda"; lambda = 2 log(alpha / sigma) grows towards the data, so
+  the step that moves t towards the data adds to it.)
+  """
+  delta = mapping_delta(cfg, interpolant)
+  if cfg.mapping == "eta":
+    return eta_decrement_r(s, t, interpolant, cfg.k, cfg.eta_max, cfg.eta_min, cfg.min_gap)
+  if cfg.mapping == "t":
+    r = t - delta
+  elif cfg.mapping == "logsnr":
+    r = interpolant.eta_inv(interpolant.eta(t) * math.exp(-0.5 * delta))
+  else:
+    eta_t = interpolant.eta(t)
+    r = interpolant.eta_inv(eta_t / (1.0 + delta * eta_t))
+  if cfg.min_gap > 0:
+    r = jnp.minimum(t - cfg.min_gap, r)
+  return jnp.maximum(s, r)
+
+
 def sample_times(rng, num_groups: int, cfg: IMMConfig, interpolant: Interpolant):
-  """One (s, r, t) per group: t ~ U(eps, T), s ~ U(eps, t), r from the eta-decrement mapping."""
+  """One (s, r, t) per group: t ~ U(eps, T), s ~ U(eps, t), r = mapped_r(s, t)."""
   k_t, k_s = jax.random.split(rng)
   t = jax.random.uniform(k_t, (num_groups,), jnp.float32, cfg.eps, cfg.T)
   s = cfg.eps + (t - cfg.eps) * jax.random.uniform(k_s, (num_groups,), jnp.float32)
-  r = eta_decrement_r(s, t, interpolant, cfg.k, cfg.eta_max, cfg.eta_min, cfg.min_gap)
-  return s, r, t
+  return s, mapped_r(s, t, cfg, interpolant), t
 
 
-def time_weight(t, interpolant: Interpolant, a: float, b: float):
+def time_weight(t, interpolant: Interpolant, a: float, b: float, weighting: str = "full"):
   """w(s, t) = 1/2 sigmoid(b - lambda_t) (-d lambda/dt) alpha_t^a / (alpha_t^2 + sigma_t^2) (Eq. 13).
 
-  t is kept inside [1e-7, 1 - 1e-7]: at t = 0 (eps = 0 runs) the formula reads 0 * inf, while its
-  limit is 0, which the clamped value reproduces to ~1e-5.
+  ``weighting`` keeps the leading factors only (Table 4's ablation): none (w = 1), elbo (the first
+  two), elbo_alpha (and alpha_t^a), full (all). t is kept inside [1e-7, 1 - 1e-7]: at t = 0 (eps = 0
+  runs) the formula reads 0 * inf, while its limit is 0, which the clamped value reproduces to ~1e-5.
   """
+  if weighting == "none":
+    return jnp.ones_like(t)
   t = jnp.clip(t, 1e-7, 1.0 - 1e-7)
   alpha, sigma = interpolant.alpha(t), interpolant.sigma(t)
-  return (0.5 * jax.nn.sigmoid(b - interpolant.logsnr(t)) * interpolant.neg_dlogsnr_dt(t)
-          * alpha**a / (alpha**2 + sigma**2))
+  w = 0.5 * jax.nn.sigmoid(b - interpolant.logsnr(t)) * interpolant.neg_dlogsnr_dt(t)
+  if weighting in ("elbo_alpha", "full"):
+    w = w * alpha**a
+  if weighting == "full":
+    w = w / (alpha**2 + sigma**2)
+  return w
 
 
 def pairwise_sq_distance(a, b):
@@ -188,7 +254,7 @@ class IMMObjective:
     s_g, r_g, t_g = s[::m], r[::m], t[::m]
     scale = self.precond.kernel_scale(s_g, t_g)
     mmd = group_mmd(y_t.reshape(g, m, -1), y_r.reshape(g, m, -1), scale, self.cfg.kernel)
-    w = time_weight(t_g, self.precond.interpolant, self.cfg.weight_a, self.cfg.weight_b)
+    w = time_weight(t_g, self.precond.interpolant, self.cfg.weight_a, self.cfg.weight_b, self.cfg.weighting)
     loss = jnp.mean(w * mmd)
     metrics = {"loss": loss, "mmd": jnp.mean(mmd), "t_minus_r": jnp.mean(t_g - r_g),
                "base_case_frac": jnp.mean((r_g == s_g).astype(jnp.float32))}

@@ -1,0 +1,289 @@
+"""Small-scale ablations: train IMM on the built-in data for every combination of config values, then
+compare the runs' 1/2/4-step samples with the energy distance to held-out data.
+
+  python -m imm_jax.experiments.sweep --config toy2d --variant checkerboard --num_steps 1000 \
+      --grid imm.mapping,imm.k=eta:12,t:6,logsnr:6,inv_eta:12 --set imm.eps=0.001 --seeds 0,1 --tag mapping
+  python -m imm_jax.experiments.sweep --config toy2d --variant checkerboard --num_steps 1000 \
+      --grid imm.weighting=none,elbo,elbo_alpha,full --seeds 0,1 --tag weighting
+  python -m imm_jax.experiments.sweep --config digits --num_steps 800 --grid imm.kernel=laplace,rbf \
+      --grid optim.lr=1e-3,3e-3
+
+Every run has the same batch and number of steps. ``--grid KEY=v1,v2,...`` (repeatable) names the
+values of one config key, ``--grid KEY1,KEY2=a1:b1,a2:b2`` values of keys that change together (each
+mapping at its own k); the runs are all combinations of the grids, once per seed. ``--set
+KEY=VALUE`` changes a config value for every run. A value is a Python literal or a string. Reported,
+next to each run: the energy distance of its EMA model's 1, 2 and 4-step samples to fresh true
+samples, and the floor (two independent true sets of the same size). A run whose training metrics
+become non-finite is reported as diverged (NaN) rather than stopping the sweep.
+
+Each run trains in `<workdir>/<config>_<variant>_<steps>steps[_<overrides>]_<grid values>_s<seed>`;
+a finished run found there is only re-evaluated, so reports over overlapping sweeps cost no extra
+training. Writes `<out>/sweep_<name>.json`, the final 1-step samples (a column per value of the last
+grid, a row per combination of the other grids and seed: `<out>/sweep_<name>.png`) and prints a
+Markdown table. ``imm_jax.experiments.group_size`` is this sweep over imm.k and
+imm.group_size (docs/group_size.md); docs/ablations.md holds the mapping, weighting and kernel runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import json
+import math
+import os
+import re
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+from imm_jax.configs_loader import config_lookup, load_config
+from imm_jax.io_utils import atomic_open, fail
+
+FLAGS = flags.FLAGS
+FLOOR_DRAWS = 5  # independent true-vs-true energy distances averaged for the floor
+# Short names in run keys and tables (others use the key's last part: mapping=t).
+SHORT = {"imm.k": "k", "imm.group_size": "M"}
+
+
+def define_common_flags():
+  """The flags every sweep program has; defined only when run as a program: importing this module as a
+  library (tests, other tools) must not define flags that clash with other executables' (--workdir)."""
+  flags.DEFINE_enum("config", "toy2d", ["toy2d", "digits"], "Which built-in data (configs/<config>.py).")
+  flags.DEFINE_string("variant", "", "Config variant, e.g. the toy: checkerboard, 8gaussians, moons.")
+  flags.DEFINE_integer("num_steps", 4000, "Training steps of every run.")
+  flags.DEFINE_list("seeds", ["0"], "Seeds; every combination is trained once per seed.")
+  flags.DEFINE_multi_string("set", [], "Config override KEY=VALUE for every run (repeatable), e.g. "
+                            "--set optim.lr=3e-3 --set imm.kernel=rbf. VALUE is a Python literal or a string.")
+  flags.DEFINE_string("tag", "", "Suffix of the result name (the JSON and PNG files), to keep reports apart.")
+  flags.DEFINE_string("out", "docs/results", "Output folder for the JSON summary and the plot.")
+
+
+def define_flags():
+  define_common_flags()
+  flags.DEFINE_multi_string("grid", [], "KEY=v1,v2,... : the values of one config key to compare "
+                            "(repeatable; the runs are all combinations), e.g. --grid imm.mapping=eta,t.")
+  flags.DEFINE_string("workdir", "workdirs/sweep", "Parent folder of the training workdirs.")
+
+
+def _literal(value: str):
+  try:
+    return ast.literal_eval(value.strip())
+  except (ValueError, SyntaxError):
+    return value.strip()
+
+
+def parse_overrides(items) -> dict:
+  """['optim.lr=3e-3', 'imm.kernel=rbf'] -> {'optim.lr': 0.003, 'imm.kernel': 'rbf'}."""
+  out = {}
+  for item in items:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+      raise ValueError(f"config override {item!r} is not KEY=VALUE")
+    out[key.strip()] = _literal(value)
+  return out
+
+
+def parse_grid(items) -> list:
+  """One axis per item, as (keys, [values per run]): 'imm.k=10,12' -> (('imm.k',), [(10,), (12,)]);
+  keys that change together are zipped: 'imm.mapping,imm.k=eta:12,t:6' -> (('imm.mapping', 'imm.k'),
+  [('eta', 12), ('t', 6)]). The runs are all combinations of the axes."""
+  grid, seen = [], set()
+  for item in items:
+    lhs, sep, rhs = item.partition("=")
+    keys = tuple(k.strip() for k in lhs.split(","))
+    values = [tuple(_literal(p) for p in v.split(":")) for v in rhs.split(",") if v.strip()]
+    if not sep or not all(keys) or not values or any(len(v) != len(keys) for v in values):
+      form = ":".join(f"v{i}" for i in range(1, len(keys) + 1)) if len(keys) > 1 else "v1"
+      raise ValueError(f"grid {item!r} is not KEY=v1,v2,... (or KEY1,KEY2={form},...)")
+    if seen & set(keys):
+      raise ValueError(f"grid key {sorted(seen & set(keys))[0]!r} is given twice: list all its values in one --grid")
+    seen |= set(keys)
+    grid.append((keys, values))
+  return grid
+
+
+def apply_overrides(config, overrides: dict):
+  """Set dotted keys of a ConfigDict; an unknown key is an error (a typo must not pass silently)."""
+  for key, value in overrides.items():
+    parent, name = config_lookup(config, key)
+    parent[name] = value
+  return config
+
+
+def short_name(key: str) -> str:
+  return SHORT.get(key, key.rsplit(".", 1)[-1])
+
+
+def run_key(settings: dict, seed) -> str:
+  """{'imm.k': 16, 'imm.group_size': 4}, 1 -> 'k16_M4_s1'; {'imm.mapping': 't'}, 0 -> 'mapping=t_s0'."""
+  parts = [f"{short_name(k)}{v}" if k in SHORT else f"{short_name(k)}={v}" for k, v in settings.items()]
+  return "_".join(parts + [f"s{seed}"])
+
+
+def run_dir_name(config_name: str, variant: str, num_steps: int, overrides: dict, key: str) -> str:
+  """A run's workdir name: everything that defines the run, so a finished run is reused (it only
+  re-evaluates) by exactly the same settings and never by different ones (the trainer resumes)."""
+  parts = [config_name] + ([variant] if variant else []) + [f"{num_steps}steps"]
+  parts += [re.sub(r"[^A-Za-z0-9.=+-]", "-", f"{k}={v}") for k, v in sorted(overrides.items())]
+  return "_".join(parts + [re.sub(r"[^A-Za-z0-9.=+_-]", "-", key)])
+
+
+def _combinations(grid):
+  combos = [{}]
+  for keys, values in grid:
+    combos = [{**c, **dict(zip(keys, v))} for c in combos for v in values]
+  return combos
+
+
+def grid_keys(grid) -> list:
+  return [k for keys, _ in grid for k in keys]
+
+
+def check(config_name: str, variant: str, grid, overrides: dict):
+  """Every run's config, built before any run trains, so a bad key or value stops the sweep at once
+  (the objective's own checks included: an unknown mapping, eps = 0 with the logsnr mapping)."""
+  from imm_jax.objectives.imm import IMMConfig
+
+  for settings in _combinations(grid):
+    c = apply_overrides(apply_overrides(load_config(config_name, variant), overrides), settings)
+    if c.objective == "imm":
+      IMMConfig.from_config(c.imm)
+
+
+def run_sweep(config_name: str, variant: str, grid, num_steps: int, seeds=(0,),
+              workdir: str = "workdirs/sweep", overrides=None, tag: str = "") -> dict:
+  """Trains every combination of ``grid`` (parse_grid's axes) once per seed at the same batch and
+  steps; returns figures per run and the floor. ``results['runs']`` maps ``run_key`` to the run's
+  settings and its energy distances (NaN, with ``diverged`` true, when training stopped on
+  non-finite metrics)."""
+  from imm_jax import data as data_lib
+  from imm_jax.evaluation import distances
+  from imm_jax.trainer import train_and_evaluate
+
+  seeds = [int(s) for s in seeds]
+  overrides = dict(overrides or {})
+  name = f"{config_name}_{variant}" if variant else config_name
+  if tag:
+    name = f"{name}_{tag}"
+  base = apply_overrides(load_config(config_name, variant), overrides)
+  results = {"name": name, "num_steps": num_steps, "batch_size": int(base.batch_size),
+             "overrides": overrides, "grid_keys": grid_keys(grid), "grid_axes": [list(keys) for keys, _ in grid],
+             "seeds": seeds, "runs": {}}
+  for settings in _combinations(grid):
+    for sd in seeds:
+      c = apply_overrides(apply_overrides(load_config(config_name, variant), overrides), settings)
+      c.seed = sd
+      c.num_steps = num_steps
+      c.sample_every = num_steps
+      c.checkpoint.every = num_steps
+      c.eval.at_start = False
+      key = run_key(settings, sd)
+      run_dir = run_dir_name(config_name, variant, num_steps, overrides, key)
+      run = {"settings": settings, "seed": sd, "batch_size": int(c.batch_size),
+             "groups": int(c.batch_size) // int(c.imm.group_size), "workdir": run_dir}
+      try:
+        figures = train_and_evaluate(c, os.path.join(workdir, run_dir))
+        run.update(diverged=False, **{f: float(v) for f, v in figures.items()})
+      except FloatingPointError as e:
+        absl_logging.warning("%s diverged: %s", key, e)
+        run.update(diverged=True, **{f"energy_{n}step": math.nan for n in c.eval.steps})
+      results["runs"][key] = run
+      print(f"{key}: " + ", ".join(f"{f}={v:.5f}" for f, v in run.items() if f.startswith("energy")),
+            flush=True)
+  # The floor: held-out data against as many training examples (two independent real sets), for
+  # FLOOR_DRAWS independent training draws: their spread is the noise level of every figure above.
+  held_out, _ = data_lib.load_eval_set(base.data, int(base.eval.num))
+  draws = []
+  for i in range(FLOOR_DRAWS):
+    real = next(data_lib.create_train_iterator(base.data, local_batch_size=len(held_out), seed=seeds[0] + 1 + i))["x"]
+    draws.append(float(distances.energy_distance(real.reshape(len(real), -1), held_out.reshape(len(held_out), -1))))
+  results["true_vs_true_energy"] = float(sum(draws) / len(draws))
+  results["true_vs_true_energy_draws"] = draws
+  return results
+
+
+def _fmt(v) -> str:
+  return "diverged" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.5f}"
+
+
+def _floor_text(results: dict) -> str:
+  draws = results.get("true_vs_true_energy_draws")
+  if not draws:
+    return f"{results['true_vs_true_energy']:.5f}"
+  return f"{results['true_vs_true_energy']:.5f} mean of {len(draws)}, range {min(draws):.5f} to {max(draws):.5f}"
+
+
+def markdown_table(results: dict) -> str:
+  keys = results["grid_keys"]
+  over = results.get("overrides") or {}
+  over_txt = (", overrides " + ", ".join(f"`{k}={v}`" for k, v in over.items())) if over else ""
+  lines = [f"IMM on `{results['name']}`, {results['num_steps']} steps at equal batch{over_txt} (energy "
+           f"distance to fresh true samples, lower is better; two independent true sets: "
+           f"{_floor_text(results)})", "",
+           "| " + " | ".join([short_name(k) for k in keys] + ["seed", "groups per batch", "1 step", "2 steps",
+                                                               "4 steps"]) + " |",
+           "|" + "---|" * (len(keys) + 5)]
+  for r in results["runs"].values():
+    cells = [str(r["settings"][k]) for k in keys] + [str(r["seed"]), str(r["groups"])]
+    cells += [_fmt(r[f"energy_{n}step"]) for n in (1, 2, 4)]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot(results: dict, workdir: str, path: str):
+  """Each run's final 1-step samples (from its sample grids): a column per value of the last grid axis,
+  a row per combination of the other axes and seed."""
+  import numpy as np
+  from PIL import Image
+
+  from imm_jax import images as images_lib
+
+  *row_axes, col_keys = results["grid_axes"]
+  row_keys = [k for keys in row_axes for k in keys]
+  rows = {}
+  for r in results["runs"].values():
+    pngs = sorted(glob.glob(os.path.join(workdir, r["workdir"], "samples", "*_1step.png")))
+    if pngs:
+      label = " ".join(f"{short_name(k)}={r['settings'][k]}" for k in col_keys) + f" s={r['seed']}: {_fmt(r['energy_1step'])}"
+      row = tuple(r["settings"][k] for k in row_keys) + (r["seed"],)
+      rows.setdefault(row, []).append((np.asarray(Image.open(pngs[-1]).convert("RGB")), label))
+  if not rows:
+    return
+  strips = [images_lib.side_by_side([p for p, _ in row], [l for _, l in row]) for row in rows.values()]
+  width = max(s.shape[1] for s in strips)
+  padded = [np.pad(s, ((0, 8), (0, width - s.shape[1]), (0, 0)), constant_values=255) for s in strips]
+  images_lib.save_png(path, np.concatenate(padded, axis=0))
+
+
+def run_and_report(prefix: str, grid, workdir: str):
+  """The programs' main: checks every run's config (a bad --set or --grid stops here, in one line, before
+  any run trains), runs the sweep, writes <out>/<prefix>_<name>.json and .png, prints the table."""
+  try:
+    overrides = parse_overrides(FLAGS.set)
+    check(FLAGS.config, FLAGS.variant, grid, overrides)
+  except (KeyError, ValueError) as e:
+    fail(f"--set/--grid: {e.args[0]}")
+  results = run_sweep(FLAGS.config, FLAGS.variant, grid, FLAGS.num_steps, seeds=FLAGS.seeds,
+                      workdir=workdir, overrides=overrides, tag=FLAGS.tag)
+  name = results["name"]
+  with atomic_open(os.path.join(FLAGS.out, f"{prefix}_{name}.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  plot(results, workdir, os.path.join(FLAGS.out, f"{prefix}_{name}.png"))
+  print(markdown_table(results))
+
+
+def main(argv):
+  del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  try:
+    grid = parse_grid(FLAGS.grid)
+  except ValueError as e:
+    fail(f"--grid: {e.args[0]}")
+  if not grid:
+    fail("--grid: give at least one KEY=v1,v2,... to compare, e.g. --grid imm.mapping=eta,t")
+  run_and_report("sweep", grid, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,118 @@
+"""The ablation sweep (imm_jax.experiments.sweep): config overrides and grids, run naming, the report
+table and the command line's checks. Training itself is exercised by the trainer tests; here no
+network is trained."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from imm_jax.configs_loader import load_config
+from imm_jax.experiments import sweep
+
+
+def test_overrides_parse_literals_and_strings():
+  out = sweep.parse_overrides(["optim.lr=3e-3", "imm.kernel=rbf", "imm.k = 18"])
+  assert out == {"optim.lr": 0.003, "imm.kernel": "rbf", "imm.k": 18}
+  with pytest.raises(ValueError, match="KEY=VALUE"):
+    sweep.parse_overrides(["optim.lr"])
+
+
+def test_grid_parses_values_and_rejects_repeats_and_empties():
+  assert sweep.parse_grid(["imm.mapping=eta,t", "imm.k=10, 12"]) == [(("imm.mapping",), [("eta",), ("t",)]),
+                                                                     (("imm.k",), [(10,), (12,)])]
+  assert sweep.parse_grid(["imm.mapping,imm.k=eta:12,t:6"]) == [(("imm.mapping", "imm.k"), [("eta", 12), ("t", 6)])]
+  for bad in (["imm.k"], ["imm.k="], ["=1,2"], ["imm.mapping,imm.k=eta:12,t"], ["imm.mapping,=eta:1"]):
+    with pytest.raises(ValueError, match="KEY=v1,v2"):
+      sweep.parse_grid(bad)
+  with pytest.raises(ValueError, match="given twice"):
+    sweep.parse_grid(["imm.k=10", "imm.mapping,imm.k=t:12"])
+
+
+def test_apply_overrides_sets_keys_and_rejects_typos():
+  c = sweep.apply_overrides(load_config("toy2d", "moons"), {"optim.lr": 0.003, "imm.k": 18})
+  assert (c.optim.lr, c.imm.k) == (0.003, 18)
+  with pytest.raises(KeyError, match="no such config key"):
+    sweep.apply_overrides(load_config("toy2d"), {"imm.kk": 3})
+
+
+def test_runs_are_every_combination_once():
+  combos = sweep._combinations(sweep.parse_grid(["imm.mapping=eta,t", "imm.k=10,12,14"]))
+  assert len(combos) == 6 and len({tuple(c.items()) for c in combos}) == 6
+  assert combos[0] == {"imm.mapping": "eta", "imm.k": 10} and combos[-1] == {"imm.mapping": "t", "imm.k": 14}
+  zipped = sweep.parse_grid(["imm.mapping,imm.k=eta:12,t:6", "imm.kernel=laplace,rbf"])
+  assert sweep._combinations(zipped) == [
+      {"imm.mapping": "eta", "imm.k": 12, "imm.kernel": "laplace"}, {"imm.mapping": "eta", "imm.k": 12, "imm.kernel": "rbf"},
+      {"imm.mapping": "t", "imm.k": 6, "imm.kernel": "laplace"}, {"imm.mapping": "t", "imm.k": 6, "imm.kernel": "rbf"}]
+  assert sweep.grid_keys(zipped) == ["imm.mapping", "imm.k", "imm.kernel"]
+
+
+def test_run_names_encode_every_setting():
+  # group_size's runs keep their short names (docs/group_size.md's workdirs and JSON keys)
+  key = sweep.run_key({"imm.k": 16, "imm.group_size": 4}, 1)
+  assert key == "k16_M4_s1"
+  assert sweep.run_dir_name("toy2d", "moons", 1500, {}, key) == "toy2d_moons_1500steps_k16_M4_s1"
+  assert (sweep.run_dir_name("digits", "", 800, {"optim.lr": 0.003, "imm.kernel": "rbf"}, key)
+          == "digits_800steps_imm.kernel=rbf_optim.lr=0.003_k16_M4_s1")
+  key = sweep.run_key({"imm.mapping": "inv_eta", "optim.lr": 0.001}, 0)
+  assert key == "mapping=inv_eta_lr=0.001_s0"
+  assert sweep.run_dir_name("toy2d", "", 10, {}, key) == "toy2d_10steps_mapping=inv_eta_lr=0.001_s0"
+
+
+def test_table_has_a_row_per_run_and_marks_divergence():
+  runs = {}
+  for mapping, e in [("eta", 0.004), ("t", 0.008), ("logsnr", math.nan)]:
+    settings = {"imm.mapping": mapping, "imm.k": 10}
+    runs[sweep.run_key(settings, 0)] = dict(settings=settings, seed=0, groups=256, diverged=math.isnan(e),
+                                            energy_1step=e, energy_2step=e, energy_4step=e)
+  res = {"name": "toy", "num_steps": 10, "overrides": {"imm.eps": 0.001}, "runs": runs,
+         "grid_keys": ["imm.mapping", "imm.k"],
+         "true_vs_true_energy": 0.0001, "true_vs_true_energy_draws": [0.0, 0.0002]}
+  lines = sweep.markdown_table(res).splitlines()
+  assert "`imm.eps=0.001`" in lines[0] and "0.00010 mean of 2, range 0.00000 to 0.00020" in lines[0]
+  assert lines[2] == "| mapping | k | seed | groups per batch | 1 step | 2 steps | 4 steps |"
+  assert "| t | 10 | 0 | 256 | 0.00800 | 0.00800 | 0.00800 |" in lines
+  assert "| logsnr | 10 | 0 | 256 | diverged | diverged | diverged |" in lines
+
+
+def _run_cli(tmp_path, *args):
+  return subprocess.run([sys.executable, "-m", "imm_jax.experiments.sweep", *args,
+                         f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'o'}"],
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_a_bad_grid_value_stops_in_one_line_before_training(tmp_path):
+  # Each run's config goes through the objective's checks before the first run trains: the logsnr
+  # mapping at the toy's eps = 0 is refused, naming the option and the fix.
+  r = _run_cli(tmp_path, "--grid", "imm.mapping=eta,logsnr")
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines() == [
+      "error: --set/--grid: config.imm.mapping='logsnr' needs config.imm.eps > 0: its step is a fraction of "
+      "the range over [eps, T], infinite at eps = 0 (the paper used eps=0.001)"]
+  assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
+  r = _run_cli(tmp_path)
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --grid: give at least one")
+
+
+def test_plot_has_a_column_per_value_of_the_last_grid_and_a_row_per_seed(tmp_path):
+  import numpy as np
+  from PIL import Image
+
+  from imm_jax import images as images_lib
+
+  grid = sweep.parse_grid(["imm.mapping,imm.k=eta:12,t:6,logsnr:6"])
+  runs = {}
+  for settings in sweep._combinations(grid):
+    for seed in (0, 1):
+      key = sweep.run_key(settings, seed)
+      shade = 40 * seed + 10 * settings["imm.k"]
+      images_lib.save_png(tmp_path / key / "samples" / "000100_1step.png", np.full((20, 30, 3), shade, np.uint8))
+      runs[key] = dict(settings=settings, seed=seed, workdir=key, energy_1step=0.001)
+  res = {"grid_keys": sweep.grid_keys(grid), "grid_axes": [list(k) for k, _ in grid], "runs": runs}
+  sweep.plot(res, str(tmp_path), str(tmp_path / "out.png"))
+  got = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"))
+  strip = images_lib.side_by_side([np.zeros((20, 30, 3), np.uint8)] * 3, ["mapping=eta k=12 s=0: 0.00100"] * 3)
+  assert got.shape == (2 * (strip.shape[0] + 8), strip.shape[1], 3)
