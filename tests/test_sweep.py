@@ -114,5 +114,5 @@ def test_plot_has_a_column_per_value_of_the_last_grid_and_a_row_per_seed(tmp_pat
   res = {"grid_keys": sweep.grid_keys(grid), "grid_axes": [list(k) for k, _ in grid], "runs": runs}
   sweep.plot(res, str(tmp_path), str(tmp_path / "out.png"))
   got = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"))
-  strip = images_lib.side_by_side([np.zeros((20, 30, 3), np.uint8)] * 3, ["mapping=eta k=12 s=0: 0.00100"] * 3)
+  strip = images_lib.side_by_side([np.zeros((20, 30, 3), np.uint8)] * 3, ["mapping=eta k=12, seed 0: 0.00100"] * 3)
   assert got.shape == (2 * (strip.shape[0] + 8), strip.shape[1], 3)

@@ -244,7 +244,8 @@ def plot(results: dict, workdir: str, path: str):
   for r in results["runs"].values():
     pngs = sorted(glob.glob(os.path.join(workdir, r["workdir"], "samples", "*_1step.png")))
     if pngs:
-      label = " ".join(f"{short_name(k)}={r['settings'][k]}" for k in col_keys) + f" s={r['seed']}: {_fmt(r['energy_1step'])}"
+      label = (" ".join(f"{short_name(k)}={r['settings'][k]}" for k in col_keys)
+               + f", seed {r['seed']}: {_fmt(r['energy_1step'])}")
       row = tuple(r["settings"][k] for k in row_keys) + (r["seed"],)
       rows.setdefault(row, []).append((np.asarray(Image.open(pngs[-1]).convert("RGB")), label))
   if not rows:

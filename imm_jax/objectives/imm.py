@@ -108,9 +108,9 @@ def mapped_r(s, t, cfg: IMMConfig, interpolant: Interpolant):
   the logsnr mapping a "decrement in lambda"; lambda = 2 log(alpha / sigma) grows towards the data, so
   the step that moves t towards the data adds to it.)
   """
-  delta = mapping_delta(cfg, interpolant)
   if cfg.mapping == "eta":
     return eta_decrement_r(s, t, interpolant, cfg.k, cfg.eta_max, cfg.eta_min, cfg.min_gap)
+  delta = mapping_delta(cfg, interpolant)
   if cfg.mapping == "t":
     r = t - delta
   elif cfg.mapping == "logsnr":
