@@ -47,7 +47,7 @@ def test_runs_are_every_combination_once():
   assert sweep._combinations(zipped) == [
       {"imm.mapping": "eta", "imm.k": 12, "imm.kernel": "laplace"}, {"imm.mapping": "eta", "imm.k": 12, "imm.kernel": "rbf"},
       {"imm.mapping": "t", "imm.k": 6, "imm.kernel": "laplace"}, {"imm.mapping": "t", "imm.k": 6, "imm.kernel": "rbf"}]
-  assert sweep.grid_keys(zipped) == ["imm.mapping", "imm.k", "imm.kernel"]
+  assert sweep.grid_keys([keys for keys, _ in zipped]) == ["imm.mapping", "imm.k", "imm.kernel"]
 
 
 def test_run_names_encode_every_setting():
@@ -69,7 +69,7 @@ def test_table_has_a_row_per_run_and_marks_divergence():
     runs[sweep.run_key(settings, 0)] = dict(settings=settings, seed=0, groups=256, diverged=math.isnan(e),
                                             energy_1step=e, energy_2step=e, energy_4step=e)
   res = {"name": "toy", "num_steps": 10, "overrides": {"imm.eps": 0.001}, "runs": runs,
-         "grid_keys": ["imm.mapping", "imm.k"],
+         "grid_axes": [["imm.mapping", "imm.k"]],
          "true_vs_true_energy": 0.0001, "true_vs_true_energy_draws": [0.0, 0.0002]}
   lines = sweep.markdown_table(res).splitlines()
   assert "`imm.eps=0.001`" in lines[0] and "0.00010 mean of 2, range 0.00000 to 0.00020" in lines[0]
@@ -111,7 +111,7 @@ def test_plot_has_a_column_per_value_of_the_last_grid_and_a_row_per_seed(tmp_pat
       shade = 40 * seed + 10 * settings["imm.k"]
       images_lib.save_png(tmp_path / key / "samples" / "000100_1step.png", np.full((20, 30, 3), shade, np.uint8))
       runs[key] = dict(settings=settings, seed=seed, workdir=key, energy_1step=0.001)
-  res = {"grid_keys": sweep.grid_keys(grid), "grid_axes": [list(k) for k, _ in grid], "runs": runs}
+  res = {"grid_axes": [list(k) for k, _ in grid], "runs": runs}
   sweep.plot(res, str(tmp_path), str(tmp_path / "out.png"))
   got = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"))
   strip = images_lib.side_by_side([np.zeros((20, 30, 3), np.uint8)] * 3, ["mapping=eta k=12, seed 0: 0.00100"] * 3)

@@ -135,8 +135,14 @@ def _combinations(grid):
   return combos
 
 
-def grid_keys(grid) -> list:
-  return [k for keys, _ in grid for k in keys]
+def grid_keys(axes) -> list:
+  """Every key of the grid's axes (results['grid_axes'] or parse_grid's keys), in order."""
+  return [k for keys in axes for k in keys]
+
+
+def run_config(config_name: str, variant: str, overrides: dict, settings: dict):
+  """One run's config: the config file, then --set, then the run's grid values."""
+  return apply_overrides(apply_overrides(load_config(config_name, variant), overrides), settings)
 
 
 def check(config_name: str, variant: str, grid, overrides: dict):
@@ -145,7 +151,7 @@ def check(config_name: str, variant: str, grid, overrides: dict):
   from imm_jax.objectives.imm import IMMConfig
 
   for settings in _combinations(grid):
-    c = apply_overrides(apply_overrides(load_config(config_name, variant), overrides), settings)
+    c = run_config(config_name, variant, overrides, settings)
     if c.objective == "imm":
       IMMConfig.from_config(c.imm)
 
@@ -165,13 +171,13 @@ def run_sweep(config_name: str, variant: str, grid, num_steps: int, seeds=(0,),
   name = f"{config_name}_{variant}" if variant else config_name
   if tag:
     name = f"{name}_{tag}"
-  base = apply_overrides(load_config(config_name, variant), overrides)
+  base = run_config(config_name, variant, overrides, {})
   results = {"name": name, "num_steps": num_steps, "batch_size": int(base.batch_size),
-             "overrides": overrides, "grid_keys": grid_keys(grid), "grid_axes": [list(keys) for keys, _ in grid],
+             "overrides": overrides, "grid_axes": [list(keys) for keys, _ in grid],
              "seeds": seeds, "runs": {}}
   for settings in _combinations(grid):
     for sd in seeds:
-      c = apply_overrides(apply_overrides(load_config(config_name, variant), overrides), settings)
+      c = run_config(config_name, variant, overrides, settings)
       c.seed = sd
       c.num_steps = num_steps
       c.sample_every = num_steps
@@ -214,7 +220,7 @@ def _floor_text(results: dict) -> str:
 
 
 def markdown_table(results: dict) -> str:
-  keys = results["grid_keys"]
+  keys = grid_keys(results["grid_axes"])
   over = results.get("overrides") or {}
   over_txt = (", overrides " + ", ".join(f"`{k}={v}`" for k, v in over.items())) if over else ""
   lines = [f"IMM on `{results['name']}`, {results['num_steps']} steps at equal batch{over_txt} (energy "
@@ -239,7 +245,7 @@ def plot(results: dict, workdir: str, path: str):
   from imm_jax import images as images_lib
 
   *row_axes, col_keys = results["grid_axes"]
-  row_keys = [k for keys in row_axes for k in keys]
+  row_keys = grid_keys(row_axes)
   rows = {}
   for r in results["runs"].values():
     pngs = sorted(glob.glob(os.path.join(workdir, r["workdir"], "samples", "*_1step.png")))

@@ -73,13 +73,10 @@ class IMMConfig:
 
 def eta_decrement_r(s, t, interpolant: Interpolant, k: int, eta_max: float = 160.0,
                     eta_min: float = 0.0, min_gap: float = 0.0):
-  """r(s, t) = max(s, min(t - Delta, eta^-1(eta(t) - (eta_max - eta_min) / 2^k))) (App. C.6, I.6)."""
-  delta = (eta_max - eta_min) / 2.0**k
-  # Clamped at eta_min: below it eta^-1 leaves [0, 1) (e.g. k <= 7 at small t would give r > t).
-  r = interpolant.eta_inv(jnp.maximum(interpolant.eta(t) - delta, eta_min))
-  if min_gap > 0:
-    r = jnp.minimum(t - min_gap, r)
-  return jnp.maximum(s, r)
+  """r(s, t) = max(s, min(t - Delta, eta^-1(eta(t) - (eta_max - eta_min) / 2^k))) (App. C.6, I.6):
+  mapped_r with the paper's mapping."""
+  cfg = IMMConfig(k=k, eta_max=eta_max, eta_min=eta_min, min_gap=min_gap, mapping="eta")
+  return mapped_r(s, t, cfg, interpolant)
 
 
 def mapping_delta(cfg: IMMConfig, interpolant: Interpolant) -> float:
@@ -99,19 +96,20 @@ def mapping_delta(cfg: IMMConfig, interpolant: Interpolant) -> float:
 def mapped_r(s, t, cfg: IMMConfig, interpolant: Interpolant):
   """r(s, t) by ``cfg.mapping``, a constant step from t towards the data (App. C.6; Fig. 11 compares them):
 
-    eta      eta(r) = eta(t) - delta           (the paper's choice; eta_decrement_r)
+    eta      eta(r) = eta(t) - delta           (the paper's choice; eta_decrement_r), >= eta_min
     t        r = t - delta
     logsnr   lambda(r) = lambda(t) + delta     i.e. eta(r) = eta(t) exp(-delta / 2)
     inv_eta  1/eta(r) = 1/eta(t) + delta       i.e. eta(r) = eta(t) / (1 + delta eta(t))
 
-  with delta = mapping_delta(cfg), then r = max(s, min(t - min_gap, r)) as for eta. (The paper names
+  with delta = mapping_delta(cfg), then r = max(s, min(t - min_gap, r)). (The paper names
   the logsnr mapping a "decrement in lambda"; lambda = 2 log(alpha / sigma) grows towards the data, so
   the step that moves t towards the data adds to it.)
   """
-  if cfg.mapping == "eta":
-    return eta_decrement_r(s, t, interpolant, cfg.k, cfg.eta_max, cfg.eta_min, cfg.min_gap)
   delta = mapping_delta(cfg, interpolant)
-  if cfg.mapping == "t":
+  if cfg.mapping == "eta":
+    # Clamped at eta_min: below it eta^-1 leaves [0, 1) (e.g. k <= 7 at small t would give r > t).
+    r = interpolant.eta_inv(jnp.maximum(interpolant.eta(t) - delta, cfg.eta_min))
+  elif cfg.mapping == "t":
     r = t - delta
   elif cfg.mapping == "logsnr":
     r = interpolant.eta_inv(interpolant.eta(t) * math.exp(-0.5 * delta))
