@@ -179,7 +179,10 @@ def init_state(model: Model, tx, seed: int, objective=None, teacher=None, start_
   if start_params is not None:
     flat = flax.traverse_util.flatten_dict(params)
     for path, value in flax.traverse_util.flatten_dict(start_params).items():
-      flat[path] = jnp.copy(jnp.asarray(value, flat[path].dtype))  # a copy: see the note below
+      if isinstance(value, StartRows):  # these rows from the source, the others fresh
+        flat[path] = flat[path].at[np.asarray(value.rows)].set(jnp.asarray(value.values, flat[path].dtype))
+      else:
+        flat[path] = jnp.copy(jnp.asarray(value, flat[path].dtype))  # a copy: see the note below
     params = flax.traverse_util.unflatten_dict(flat)
   if objective is not None and has_objective_state(objective):
     params, extra = objective.init_extra(params, teacher, tx)
@@ -233,6 +236,77 @@ def load_teacher(config, model: Model, items=("params",)) -> dict:
   return jax.device_get({"params": state.ema_params, "precond": precond})
 
 
+@flax.struct.dataclass
+class StartRows:
+  """Some rows of a parameter taken from the source of a fine-tuning run (``values``, placed at ``rows``
+  of the fresh initialisation by ``init_state``); the other rows keep their fresh values."""
+  values: Any
+  rows: tuple = flax.struct.field(pytree_node=False)
+
+
+# The parameters that encode the class labels, by network: DiT's class table (row num_classes is the null
+# class; with extra_null_row one unused row follows) and SongUNet's label map (one-hot input rows; its
+# null class is the zero vector, so its bias is the unconditional part and keeps its shape).
+DIT_LABEL_TABLE = ("y_embedder", "embedding_table")
+UNET_LABEL_MAP = ("map_label", "kernel")
+UNET_NULL_BIAS = ("map_label", "bias")
+UNET_FIRST_LAYER = (("map_layer0", "kernel"), ("map_layer0", "bias"))
+
+
+def _class_rows(theirs_rows: int, their_extra: bool, ours_rows: int, our_extra: bool):
+  """``(source rows, our rows, source classes, our classes)`` of a DiT class table that carry over when
+  the number of classes changes: the null row (and the unused row when both have it)."""
+  their_classes, our_classes = theirs_rows - 1 - int(their_extra), ours_rows - 1 - int(our_extra)
+  src, dst = [their_classes], [our_classes]
+  if their_extra and our_extra:
+    src.append(their_classes + 1)
+    dst.append(our_classes + 1)
+  if their_classes == our_classes:  # only the unused row differs: the classes carry over too
+    src, dst = list(range(their_classes)) + src, list(range(our_classes)) + dst
+  return tuple(src), tuple(dst), their_classes, our_classes
+
+
+def _class_label_changes(theirs: dict, ours: dict, source_config, model: Model):
+  """Where the source's number of classes differs from this network's (flat parameter shapes of
+  both): ``relabel`` {path: (source rows, our rows, note)} for the label parameters whose class rows
+  change, and whether a conditional SongUNet's null class (map_label's bias) goes into map_layer0."""
+  relabel = {}
+  for path in (DIT_LABEL_TABLE, UNET_LABEL_MAP):
+    if (path in theirs and path in ours and theirs[path].shape != ours[path].shape
+        and theirs[path].shape[1:] == ours[path].shape[1:]):
+      if path == DIT_LABEL_TABLE:
+        src, dst, their_classes, our_classes = _class_rows(
+            theirs[path].shape[0], bool(source_config.model.get("extra_null_row", False)),
+            ours[path].shape[0], bool(getattr(model.net, "extra_null_row", False)))
+      else:  # SongUNet: all rows are classes
+        src, dst, their_classes, our_classes = (), (), theirs[path].shape[0], ours[path].shape[0]
+      relabel[path] = (src, dst, f"its class rows: {their_classes} classes there, {our_classes} here")
+  # A class-conditional SongUNet made unconditional: the null class (a zero one-hot) adds map_label's
+  # bias before map_layer0, a linear layer, which takes it into its own bias exactly.
+  fold_label_bias = (UNET_LABEL_MAP in theirs and UNET_LABEL_MAP not in ours and UNET_NULL_BIAS in theirs
+                     and UNET_FIRST_LAYER[1] in ours)
+  return relabel, fold_label_bias
+
+
+def _apply_class_label_changes(params: dict, relabel: dict, fold_label_bias: bool, ours: dict) -> list[str]:
+  """Makes the source's flat ``params`` (host arrays) this network's, in place, as
+  ``_class_label_changes`` found; returns the notes on the rows that start fresh."""
+  if fold_label_bias:
+    kernel, bias = UNET_FIRST_LAYER
+    params[bias] = params[bias] + params.pop(UNET_NULL_BIAS) @ params[kernel]
+    del params[UNET_LABEL_MAP]
+  fresh = []
+  for path, (src, dst, note) in relabel.items():
+    rows = params.pop(path)[np.asarray(src, np.int64)]
+    if len(dst) == ours[path].shape[0]:  # e.g. an unconditional DiT's table: the null row alone
+      params[path] = rows[np.argsort(dst)]
+      continue
+    if src:
+      params[path] = StartRows(values=rows, rows=dst)
+    fresh.append(f"{'/'.join(path)} ({note})")
+  return fresh
+
+
 def load_start_params(config, model: Model) -> dict | None:
   """``config.init``: the EMA parameters of another run (a workdir written by ``imm_jax.train`` or
   ``imm_jax.convert``, at ``config.init.step`` or its latest checkpoint) that a new run starts from, on
@@ -244,6 +318,12 @@ def load_start_params(config, model: Model) -> dict | None:
   this network lacks, or has in another shape, stops the run. A different preconditioning is allowed
   and named (the parameters then start from another function). The optimizer, the step, the EMA (set
   to the loaded parameters) and the data order start fresh.
+
+  The class labels' parameters follow this run's number of classes (0: unconditional): where it differs
+  from the source's, the null class carries over and the class rows start fresh: DiT's null row (a
+  ``StartRows``); SongUNet's null class is the label map's bias, which an unconditional SongUNet lacks
+  and takes into map_layer0's bias. So e.g. a released ImageNet DiT fine-tunes on a folder of 10
+  classes, or unconditionally, starting from its unguided network.
   """
   source = str(config.get("init", {}).get("workdir", "") or "")
   if not source:
@@ -268,17 +348,21 @@ def load_start_params(config, model: Model) -> dict | None:
                      f"sin-cos table this trainer uses; it can be sampled (imm_jax.sample), not trained")
   ours = flax.traverse_util.flatten_dict(model.abstract_params())
   theirs = flax.traverse_util.flatten_dict(shapes)
+  source_config = checkpoints.read_config(source)
   name = "/".join
-  unknown = [name(p) for p in theirs if p not in ours]
+  relabel, fold_label_bias = _class_label_changes(theirs, ours, source_config, model)
+  unknown = [name(p) for p in theirs if p not in ours
+             and not (fold_label_bias and p in (UNET_LABEL_MAP, UNET_NULL_BIAS))]
   misshapen = [f"{name(p)} {tuple(theirs[p].shape)} there, {tuple(ours[p].shape)} here"
-               for p in theirs if p in ours and tuple(theirs[p].shape) != tuple(ours[p].shape)]
+               for p in theirs
+               if p in ours and p not in relabel and tuple(theirs[p].shape) != tuple(ours[p].shape)]
   if unknown or misshapen:
     problems = [f"{what}: {'; '.join(items[:3])}" + (f" (and {len(items) - 3} more)" if len(items) > 3 else "")
                 for what, items in (("parameters this network lacks", unknown), ("other shapes", misshapen))
                 if items]
     raise ValueError(f"{where} is another network ({'; '.join(problems)}): set config.model to the "
                      f"source's network (its config.json), with additions only")
-  source_precond = checkpoints.read_config(source).get("precond", ml_collections.ConfigDict()).to_dict()
+  source_precond = source_config.get("precond", ml_collections.ConfigDict()).to_dict()
   changed = sorted(k for k, v in config.precond.to_dict().items()
                    if k in source_precond and _as_plain(source_precond[k]) != _as_plain(v))
   if changed:
@@ -288,11 +372,16 @@ def load_start_params(config, model: Model) -> dict | None:
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
   params, _ = checkpoints.restore_ema_params(source, abstract, step)
-  fresh = sorted(name(p) for p in ours if p not in theirs)
+  params = flax.traverse_util.flatten_dict(jax.device_get(params))
+  fresh = [name(p) for p in ours if p not in theirs] + _apply_class_label_changes(
+      params, relabel, fold_label_bias, ours)
   if jax.process_index() == 0:
-    print(f"initialised from {source} (step {step}): {len(theirs)} of {len(ours)} parameter arrays"
-          + (f"; fresh: {', '.join(fresh)}" if fresh else ""), flush=True)
-  return jax.device_get(params)
+    loaded = sum(not isinstance(v, StartRows) for v in params.values())
+    print(f"initialised from {source} (step {step}): {loaded} of {len(ours)} parameter arrays"
+          + (f"; fresh: {', '.join(sorted(fresh))}" if fresh else "")
+          + ("; map_label's bias (the null class) taken into map_layer0's" if fold_label_bias else ""),
+          flush=True)
+  return flax.traverse_util.unflatten_dict(params)
 
 
 # Network options added after runs were written: a saved config without one had its default.

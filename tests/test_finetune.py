@@ -13,6 +13,7 @@ import pathlib
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax.traverse_util import flatten_dict
 
@@ -20,7 +21,7 @@ from imm_jax import checkpoints
 from imm_jax.builder import build_model
 from imm_jax.configs_loader import load_config
 from imm_jax.convert import cli
-from imm_jax.trainer import load_start_params, train_and_evaluate
+from imm_jax.trainer import _class_rows, init_state, load_start_params, train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -126,8 +127,9 @@ def source(tmp_path_factory):
     (dict(step=2), "no EMA parameters at step 2 (its checkpoints: [3]); set config.init.step to one of"),
     (dict(augment_dim=0), "is another network (parameters this network lacks: augment_embedder/kernel): "
                           "set config.model to the source's network (its config.json), with additions only"),
-    (dict(class_conditional=True), "is another network (other shapes: y_embedder/embedding_table (1, 32) "
-                                   "there, (11, 32) here)"),
+    (dict(patch_size=2), "is another network (other shapes: final_layer/linear/bias (16,) there, (4,) here; "
+                         "final_layer/linear/kernel (32, 16) there, (32, 4) here; x_embedder/kernel (4, 4, 1, 32) "
+                         "there, (2, 2, 1, 32) here)"),
     (dict(objective="moment_matching"), "moment-matching distillation starts from its teacher"),
 ])
 def test_bad_init_stops_in_one_line_before_writing(source, tmp_path, tiny_digits, change, expected):
@@ -178,3 +180,90 @@ def test_the_paper_configs_fine_tune_the_released_networks(paper, released, adde
                       .abstract_params())
   assert set(ours) - set(ref_shapes) == added and set(ref_shapes) <= set(ours)
   assert all(ours[k].shape == v.shape for k, v in ref_shapes.items())
+
+
+def _labelled(config, net: str, num_classes: int):
+  """``config`` (tiny digits) with a tiny DiT or SongUNet, class-conditional on ``num_classes`` (0: not)."""
+  if net == "unet":
+    config.model = type(config.model)(dict(name="unet", model_channels=16, channel_mult=[1], num_blocks=1,
+                                           attn_resolutions=[], dropout=0.0, class_conditional=False))
+  config.model.update(class_conditional=num_classes > 0, num_classes=num_classes)
+  return config
+
+
+def _outputs(model, params, labels):
+  """The network's raw output on fixed inputs (labels None: the null class of a conditional model)."""
+  x = jax.random.normal(jax.random.key(1), (3,) + model.input_shape)
+  c_t, c_s = np.array([0.9, 0.5, 0.1], np.float32), np.array([0.3, 0.2, 0.0], np.float32)
+  if labels is None and model.null_label is not None:
+    labels = np.full((3,), model.null_label, np.int32)
+  return np.asarray(model.net.apply({"params": params}, x, c_t, c_s, labels, train=False))
+
+
+@pytest.mark.parametrize("net", ["dit", "unet"])
+@pytest.mark.parametrize("source_classes, classes", [(0, 10), (10, 0), (10, 4)])
+def test_a_new_number_of_classes_keeps_the_null_class_and_starts_the_classes_fresh(
+    net, source_classes, classes, tmp_path, tiny_digits):
+  """The truth is the source network itself: unguided (the null class), the fine-tuning run's network
+  computes what the source's did, whatever the two numbers of classes; the class rows are the fresh
+  initialisation's."""
+  source = str(tmp_path / "source")
+  s = _labelled(tiny_digits(), net, source_classes)
+  source_model = build_model(s)
+  # Every parameter away from its initialisation: DiT's zero adaLN and final layers would hide a wrong row.
+  leaves, tree = jax.tree.flatten(source_model.init_params(jax.random.key(3)))
+  noise = jax.random.split(jax.random.key(4), len(leaves))
+  source_params = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, noise)])
+  checkpoints.save_params_only(source, source_params)
+  checkpoints.write_config(source, s)
+
+  c = _labelled(tiny_digits(), net, classes)
+  c.init.workdir = source
+  model = build_model(c)
+  start = load_start_params(c, model)
+  params = init_state(model, optax.sgd(0.1), int(c.seed), start_params=start).params
+  np.testing.assert_allclose(_outputs(model, params, None), _outputs(source_model, source_params, None),
+                             rtol=1e-5, atol=1e-5)
+  fresh = flatten_dict(jax.device_get(model.init_params(jax.random.key(int(c.seed)))))
+  got = flatten_dict(jax.device_get(params))
+  label_param = ("y_embedder", "embedding_table") if net == "dit" else ("map_label", "kernel")
+  if classes:
+    np.testing.assert_array_equal(got[label_param][:classes], fresh[label_param][:classes])
+    labels = np.array([0, classes - 1, 1], np.int32)
+    assert np.abs(_outputs(model, params, labels) - _outputs(model, params, None)).max() > 1e-3
+  elif net == "dit":  # the table is the null row alone
+    np.testing.assert_array_equal(got[label_param], np.asarray(flatten_dict(source_params)[label_param])[[source_classes]])
+  else:
+    assert label_param not in got
+  if net == "unet" and source_classes and not classes:  # map_label's bias now inside map_layer0's
+    assert np.abs(got[("map_layer0", "bias")] - flatten_dict(source_params)[("map_layer0", "bias")]).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_an_unconditional_dit_fine_tunes_class_conditionally(source, tmp_path, tiny_digits):
+  """Through the trainer (the start parameters cross the jitted init): the source's null row lands on
+  the new table's null row; its ten class rows are fresh."""
+  c = _augmented(_frozen(tiny_digits()))
+  c.model.class_conditional = True
+  c.init.workdir = source
+  train_and_evaluate(c, str(tmp_path / "run"))
+  started, before = _ema(str(tmp_path / "run")), _ema(source)
+  fresh = flatten_dict(jax.device_get(build_model(c).init_params(jax.random.key(int(c.seed)))))
+  table = ("y_embedder", "embedding_table")
+  assert before[table].shape == (1, 32) and started[table].shape == (11, 32)
+  np.testing.assert_allclose(started[table][10], before[table][0], rtol=1e-6)
+  np.testing.assert_allclose(started[table][:10], fresh[table][:10], rtol=1e-6)
+  for key, value in before.items():
+    if key != table:
+      np.testing.assert_allclose(started[key], value, rtol=1e-6, atol=1e-7, err_msg="/".join(key))
+
+
+def test_class_table_rows_follow_the_reference_layout():
+  """DiT's table (spec: reference_networks.md): classes 0..C-1, the null class at row C, and with the
+  reference's label dropout one unused row after it."""
+  # ImageNet's table with the unused row, on 10 classes with and without it.
+  assert _class_rows(1002, True, 12, True) == ((1000, 1001), (10, 11), 1000, 10)
+  assert _class_rows(1002, True, 11, False) == ((1000,), (10,), 1000, 10)
+  # Unconditional (the null row alone) to 10 classes; the same classes when only the unused row differs.
+  assert _class_rows(1, False, 11, False) == ((0,), (10,), 0, 10)
+  assert _class_rows(11, False, 12, True) == (tuple(range(11)), tuple(range(11)), 10, 10)
