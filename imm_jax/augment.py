@@ -51,7 +51,6 @@ TRANSFORMS = ("yflip", "scale", "rotate", "aniso", "translate")
 _GEOMETRIC = ("scale", "rotate", "aniso", "translate")
 _SUPERSAMPLE = 2
 TURN_OFF = "set config.augment.p=0 and config.augment.xflip=False"
-_PAD = 4  # low-resolution pixels of reflect padding around the Lanczos-3 resizes (their support is 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,12 +177,14 @@ def warp(x, matrix, supersample: int = _SUPERSAMPLE):
 
 
 def _reflect(i, size: int):
-  """Integer indices folded into [0, size) by reflection about the first and last index (no repeat)."""
+  """Integer indices folded into [0, size) by reflection about the first and last index (no repeat);
+  numpy indices stay numpy (static), traced ones jax."""
+  xp = np if isinstance(i, np.ndarray) else jnp
   if size == 1:
-    return jnp.zeros_like(i)
+    return xp.zeros_like(i)
   period = 2 * (size - 1)
-  i = jnp.mod(i, period)
-  return jnp.where(i >= size, period - i, i)
+  i = xp.mod(i, period)
+  return xp.where(i >= size, period - i, i)
 
 
 def _bilinear_reflect(img, yy, xx):
@@ -199,18 +200,62 @@ def _bilinear_reflect(img, yy, xx):
   return top * (1 - fy) + bottom * fy
 
 
+def _lanczos3(x):
+  """jax.image's 'lanczos3' kernel, sinc(x) sinc(x / 3) on |x| < 3."""
+  return np.where(np.abs(x) < 3, np.sinc(x) * np.sinc(x / 3), 0.0)
+
+
+def _resize_taps(factor: int, up: bool):
+  """Lanczos-3 resampling by an integer ``factor`` as FIR taps (float64 numpy): jax.image.resize's
+  weights (normalised to sum 1; antialiased, i.e. the kernel stretched by ``factor``, going down) where
+  the whole kernel lies inside the input. A list of (offsets, weights), one per output phase:
+  up: output f m + r = sum_k w_r[k] x[m + offsets_r[k]]; down (one phase): output i = sum_k w[k] x[f i + offsets[k]]."""
+  if up:
+    phases = []
+    for r in range(factor):
+      centre = (r + 0.5) / factor - 0.5  # the output's position between input samples m - 1 .. m + 1
+      offsets = np.arange(-3, 4)
+      weights = _lanczos3(centre - offsets)
+      phases.append((offsets[weights != 0], weights[weights != 0] / weights.sum()))
+    return phases
+  centre = (factor - 1) / 2  # output i sits at input position f i + (f - 1) / 2
+  offsets = np.arange(-3 * factor, 3 * factor + factor)
+  weights = _lanczos3((centre - offsets) / factor)
+  return [(offsets[weights != 0], weights[weights != 0] / weights.sum())]
+
+
 def _resize_reflect(x, factor: int, up: bool):
   """NHWC ``x`` resized by an integer ``factor`` (up, or down antialiased) with a Lanczos-3 kernel, the
-  border handled by reflect padding (``_PAD`` low-resolution pixels) instead of a renormalised kernel."""
-  n, h, w, c = x.shape
-  low_h, low_w = (h, w) if up else (h // factor, w // factor)
-  ph, pw = min(_PAD, low_h - 1), min(_PAD, low_w - 1)  # in low-resolution pixels
-  pad_in, pad_out = ((ph, pw), (ph * factor, pw * factor)) if up else ((ph * factor, pw * factor), (ph, pw))
-  padded = jnp.pad(x, ((0, 0), (pad_in[0],) * 2, (pad_in[1],) * 2, (0, 0)), mode="reflect")
-  size = (h * factor, w * factor) if up else (low_h, low_w)
-  y = jax.image.resize(padded, (n, size[0] + 2 * pad_out[0], size[1] + 2 * pad_out[1], c), "lanczos3",
-                       antialias=True)
-  return y[:, pad_out[0]:pad_out[0] + size[0], pad_out[1]:pad_out[1] + size[1]]
+  input reflected about its border pixels where the kernel reaches past them.
+
+  Separable multiply-adds of shifted (strided) views, one axis after the other; no matrix products:
+  jax.image.resize contracts with float32 GEMMs at HIGHEST precision, which XLA:GPU's Triton GEMM
+  emitter fails to tile at CIFAR-10's training batch ("Couldn't find output tile sizes")."""
+  for axis in (1, 2):
+    x = _resample_axis(x, axis, factor, up)
+  return x
+
+
+def _resample_axis(x, axis: int, factor: int, up: bool):
+  n = x.shape[axis]
+  phases = _resize_taps(factor, up)
+  lo = -min(int(o.min()) for o, _ in phases)
+  count = n if up else n // factor            # outputs per phase
+  span = count if up else factor * (count - 1) + 1
+  hi = max(int(o.max()) for o, _ in phases) + span - n
+  padded = jnp.take(x, _reflect(np.arange(-lo, n + max(hi, 0)), n), axis=axis)  # static indices
+  stride = 1 if up else factor
+  outs = []
+  for offsets, weights in phases:
+    acc = None
+    for o, w in zip(offsets, weights):
+      view = jax.lax.slice_in_dim(padded, lo + int(o), lo + int(o) + span, stride=stride, axis=axis)
+      acc = view * float(w) if acc is None else acc + view * float(w)
+    outs.append(acc)
+  if not up:
+    return outs[0]
+  y = jnp.stack(outs, axis=axis + 1)  # (..., n, factor, ...): output f m + r
+  return y.reshape(x.shape[:axis] + (n * factor,) + x.shape[axis + 1:])
 
 
 def for_training(config, net) -> Augment | None:

@@ -107,6 +107,25 @@ def test_affine_warp_of_a_linear_image_is_exact(name, values):
   np.testing.assert_allclose(out[inside], expected[inside], atol=2e-5)
 
 
+@pytest.mark.parametrize("factor", [2, 3])
+@pytest.mark.parametrize("up", [True, False])
+def test_resizes_are_jax_image_lanczos3_on_the_reflected_image(factor, up):
+  """The truth is jax.image.resize (Lanczos-3, antialiased) of the image reflect-padded by more than the
+  kernel reaches, cropped back: the same resampling, computed with matrix products."""
+  low = (6, 9)
+  shape = (2,) + ((low[0], low[1]) if up else (low[0] * factor, low[1] * factor)) + (3,)
+  x = jnp.asarray(np.random.default_rng(factor).normal(size=shape), jnp.float32)
+  pad = 4 if up else 4 * factor  # the kernel reaches 3 low-resolution pixels
+  padded = np.pad(np.asarray(x), ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
+  out_pad = pad * factor if up else pad // factor
+  size = (low[0] * factor, low[1] * factor) if up else low
+  want = jax.image.resize(padded, (2, size[0] + 2 * out_pad, size[1] + 2 * out_pad, 3), "lanczos3",
+                          antialias=True)[:, out_pad:out_pad + size[0], out_pad:out_pad + size[1]]
+  got = A._resize_reflect(x, factor, up)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=1e-5)  # jax computes its weights in float32
+
+
 def test_untouched_images_pass_bit_exact_and_flips_are_reversals():
   x = jnp.asarray(np.random.default_rng(3).normal(size=(256, 8, 8, 3)), jnp.float32)
   aug = A.Augment(p=0.3, xflip=True)

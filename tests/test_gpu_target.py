@@ -132,6 +132,22 @@ def test_a_dit_block_for_an_h100_takes_q_k_v_and_the_gelu_from_its_gemms():
   assert all(_producer(insts, o) in gemms for o in fmha[0]["operands"][:3])
 
 
+@needs_plugin
+def test_cifar10_augmentation_compiles_for_an_h100():
+  """EDM's augmentation of configs/cifar10.py at the issue 8 batch (256): its Lanczos resizes once went
+  through jax.image.resize, whose float32 HIGHEST-precision GEMMs XLA:GPU's Triton emitter could not
+  tile ("Couldn't find output tile sizes"), so the paper's CIFAR-10 step did not compile for a GPU."""
+  from imm_jax import augment
+
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(H100[:1], ("x",)), jax.sharding.PartitionSpec())
+  aug = augment.Augment.from_config(load_config("cifar10").augment)
+  x = jax.ShapeDtypeStruct((256, 32, 32, 3), jnp.float32, sharding=sharding)
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding)
+  with aot.outside_persistent_cache():
+    text = jax.jit(aug).lower(key, x).compile().as_text()
+  assert "ENTRY" in text
+
+
 @pytest.mark.slow
 @needs_plugin
 def test_train_step_for_an_h100_counts_what_the_cpu_compiler_counts():
