@@ -16,6 +16,8 @@ def get_config(arg: str = ""):
   c.checkpoint.update(every=5_000, keep=3)
   c.data.update(name="tfds", tfds_name="mnist", split="train", eval_split="test", image_size=28,
                 x_flip=False, worker_count=4)
+  c.data.channels = 1  # channels and num_classes: for tools that read no data (imm_jax.aot)
+  c.data.num_classes = 10
   c.model.update(name="dit", preset="S/4", class_conditional=True)
   c.precond.update(interpolant="ot_fm", f_type="euler_fm", temb_type="identity")
   c.imm.update(group_size=4, eps=0.0, T=0.994, k=12, weight_a=1.0, weight_b=4.0, label_dropout=0.1)

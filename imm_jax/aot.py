@@ -71,6 +71,9 @@ def config_data_info(config, input_shape: tuple[int, ...] | None = None,
     input_shape = (size, size, int(data.get("channels", 3)))
   if num_classes is None:
     num_classes = int(config.model.get("num_classes", 0) or data.get("num_classes", 0) or 0)
+    if num_classes == 0 and config.model.get("class_conditional", False):
+      raise ValueError("config.model.class_conditional=True, and compiling without the data needs its number "
+                       "of classes: pass --num_classes N (or set config.data.num_classes)")
   input_shape = tuple(int(d) for d in input_shape)
   kind = "points" if len(input_shape) == 1 else ("latent" if data.name == "latents" else "image")
   return data_lib.DataInfo(shape=input_shape, num_classes=int(num_classes), kind=kind, name=str(data.name))
@@ -161,13 +164,28 @@ def outside_persistent_cache(active: bool = True):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
 
 
+# XLA:GPU without a GPU does not autotune: each Triton GEMM gets a default tiling, which for some float32
+# GEMMs (e.g. DiT-S/4's at configs/mnist.py's batch) does not exist. An autotuning compile on a GPU
+# chooses among tilings and cuBLAS instead.
+_NO_TRITON_TILING = "Couldn't find output tile sizes"
+
+
 def _compile(lowered, what: str, compile_only: bool):
   """``lowered.compile()``; a program larger than the device's memory, which XLA:TPU refuses at compile
   time, is bad input: one line with the compiler's figures and the ways to make it fit. Programs for
-  compile-only devices stay :func:`outside_persistent_cache`."""
+  compile-only devices stay :func:`outside_persistent_cache`; one for a GPU whose Triton GEMM has no
+  default tiling is compiled again with cuBLAS GEMMs (xla_gpu_enable_triton_gemm=false), with a note."""
   try:
     with outside_persistent_cache(compile_only):
-      return lowered.compile()
+      try:
+        return lowered.compile()
+      except jax.errors.JaxRuntimeError as e:
+        if not (compile_only and _NO_TRITON_TILING in str(e)):
+          raise
+        print(f"note: XLA:GPU found no default Triton tiling for a GEMM of {what} (it autotunes only on a "
+              f"GPU); compiled with cuBLAS GEMMs instead, as with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false",
+              file=sys.stderr, flush=True)
+        return lowered.compile({"xla_gpu_enable_triton_gemm": False})
   except jax.errors.JaxRuntimeError as e:
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "RESOURCE_EXHAUSTED" not in message:

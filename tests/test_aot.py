@@ -66,6 +66,10 @@ def test_shapes_come_from_the_config_and_training_needs_the_latents_path(tmp_pat
   assert build_model(cifar, aot.config_data_info(cifar)).num_classes == 0  # unconditional
   assert aot.config_data_info(cifar, input_shape=(16, 16, 1), num_classes=10).shape == (16, 16, 1)
   assert aot.config_data_info(load_config("digits")).shape == (16, 16, 1)  # built in: asked, not guessed
+  cifar.model.class_conditional = True  # no number of classes anywhere: asked for, not compiled with 0
+  with pytest.raises(ValueError, match=r"class_conditional=True, .* pass --num_classes N"):
+    aot.config_data_info(cifar)
+  assert aot.config_data_info(cifar, num_classes=10).num_classes == 10
 
 
 @pytest.mark.parametrize("variant", list(TABLE5))

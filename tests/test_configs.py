@@ -9,10 +9,13 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
+from imm_jax.aot import config_data_info
 from imm_jax.builder import build_model
+from imm_jax.data import get_info
 from imm_jax.configs_loader import CONFIG_DIR, check_config_argv, load_config
 from imm_jax.models import count_params
 from imm_jax.trainer import train_and_evaluate
@@ -66,6 +69,10 @@ def test_tfds_configs_train_on_mock_data(name, tmp_path):
     c.model.update(preset="", patch_size=4, hidden_size=32, depth=1, num_heads=2)
   with tfds.testing.mock_data(num_examples=16):
     figures = train_and_evaluate(c, str(tmp_path / name))
+    # imm_jax.aot, which reads no data, compiles the network the data gives.
+    data, assumed = get_info(c.data), config_data_info(c)
+    shapes = [jax.tree.map(lambda a: a.shape, build_model(c, info).abstract_params()) for info in (data, assumed)]
+    assert (assumed.shape, assumed.kind) == (data.shape, data.kind) and shapes[0] == shapes[1]
   assert np.isfinite(figures["energy_1step"])
 
 

@@ -134,9 +134,9 @@ def test_a_dit_block_for_an_h100_takes_q_k_v_and_the_gelu_from_its_gemms():
 
 @needs_plugin
 def test_cifar10_augmentation_compiles_for_an_h100():
-  """EDM's augmentation of configs/cifar10.py at the issue 8 batch (256): its Lanczos resizes once went
-  through jax.image.resize, whose float32 HIGHEST-precision GEMMs XLA:GPU's Triton emitter could not
-  tile ("Couldn't find output tile sizes"), so the paper's CIFAR-10 step did not compile for a GPU."""
+  """EDM's augmentation of configs/cifar10.py at the issue 8 batch (256), with XLA's default GEMMs: its
+  Lanczos resizes once went through jax.image.resize, whose float32 HIGHEST-precision GEMMs got no
+  default Triton tiling without a GPU ("Couldn't find output tile sizes"); now they are no GEMMs."""
   from imm_jax import augment
 
   sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(H100[:1], ("x",)), jax.sharding.PartitionSpec())
@@ -145,6 +145,23 @@ def test_cifar10_augmentation_compiles_for_an_h100():
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=sharding)
   with aot.outside_persistent_cache():
     text = jax.jit(aug).lower(key, x).compile().as_text()
+  assert "ENTRY" in text
+
+
+@needs_plugin
+def test_fid_inception_compiles_for_an_h100():
+  """FID's feature extractor (resize to 299, the float32 Inception at HIGHEST precision) for 64 CIFAR-10
+  images, with XLA's default GEMMs: its bilinear resize once was two float32 GEMMs that got no default
+  Triton tiling without a GPU; now it is gathers and multiply-adds."""
+  from imm_jax.evaluation import inception
+
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(H100[:1], ("x",)), jax.sharding.PartitionSpec())
+  variables = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                           inception._param_shapes())
+  images = jax.ShapeDtypeStruct((64, 32, 32, 3), jnp.uint8, sharding=sharding)
+  model = inception.InceptionV3()
+  with aot.outside_persistent_cache():
+    text = jax.jit(lambda v, x: model.apply(v, inception.preprocess(x))).lower(variables, images).compile().as_text()
   assert "ENTRY" in text
 
 
@@ -198,6 +215,29 @@ def test_cli_compiles_for_two_h200s_without_a_gpu():
   assert float(sums["f32"]) * 1e6 >= 0.99 * 4 * params and float(sums.get("bf16", 0)) * 1e6 <= 0.01 * 2 * params
   r = subprocess.run(cmd + ["--steps", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --steps=1 runs steps")
+
+
+def test_a_gemm_without_a_default_triton_tiling_compiles_with_cublas(capsys):
+  """What XLA:GPU says without a GPU for such a GEMM (configs/mnist.py's step at batch 512): the compile
+  is tried again with cuBLAS GEMMs, and the report says so; other errors and real devices are left alone."""
+  class Lowered:
+    def __init__(self, message):
+      self.message, self.options = message, []
+
+    def compile(self, options=None):
+      self.options.append(options)
+      if options is None:
+        raise jax.errors.JaxRuntimeError(self.message)
+      return "compiled"
+
+  tiling = "INTERNAL: Couldn't find output tile sizes that satisfy hlo: %dot.832 = f32[25088,384]{1,0} dot(...)"
+  lowered = Lowered(tiling)
+  assert aot._compile(lowered, "the step", compile_only=True) == "compiled"
+  assert lowered.options == [None, {"xla_gpu_enable_triton_gemm": False}]
+  assert "note: XLA:GPU found no default Triton tiling for a GEMM of the step" in capsys.readouterr().err
+  for message, compile_only in ((tiling, False), ("INTERNAL: something else", True)):
+    with pytest.raises(jax.errors.JaxRuntimeError):
+      aot._compile(Lowered(message), "the step", compile_only=compile_only)
 
 
 @needs_plugin

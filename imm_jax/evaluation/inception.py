@@ -53,6 +53,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 __all__ = [
     "FID_WEIGHTS_URL", "FID_WEIGHTS_FILE", "INPUT_SIZE", "FEATURE_DIM", "NUM_CLASSES",
     "InceptionV3", "InceptionWeightsError", "preprocess", "resize_bilinear", "bilinear_matrix",
+    "bilinear_taps",
     "variables_from_state_dict", "state_dict_from_variables", "read_state_dict", "save_npz",
     "load_inception", "fetch_weights", "default_weights_path", "init_variables", "main",
 ]
@@ -66,16 +67,17 @@ class InceptionWeightsError(FileNotFoundError):
 # Input pipeline
 
 
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-    """(out, in) matrix of ``F.interpolate(mode='bilinear', align_corners=False, antialias=False)``.
+def bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, ...]:
+    """``(i0, i1, w0, w1)``: output pixel o of ``F.interpolate(mode='bilinear', align_corners=False,
+    antialias=False)`` along one axis is ``w0[o] x[i0[o]] + w1[o] x[i1[o]]``.
 
     PyTorch's source index is ``max((dst + 0.5) * in / out - 0.5, 0)``; the output mixes the two pixels
     around it, the upper one clamped to the last pixel. Downsampling uses the same two taps (no
     antialiasing), which is what pytorch-fid does to images larger than 299. The index and weights are
     rounded as PyTorch's float32 kernels round them: ``scale = float32(in) / out``, the index as one
     fused multiply-add ``fma(scale, dst + 0.5, -0.5)`` (the product is exact in float64, so one rounding
-    to float32 is the FMA), the weights in float32. This gives torch's interpolation matrix bit for bit;
-    exact arithmetic would differ by up to ~3e-5 for inputs of ~300 pixels.
+    to float32 is the FMA), the weights in float32. This gives torch's interpolation weights bit for
+    bit; exact arithmetic would differ by up to ~3e-5 for inputs of ~300 pixels.
     """
     f32 = np.float32
     scale = f32(in_size) / f32(out_size)
@@ -84,8 +86,13 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1)
     w1 = np.clip(src - i0.astype(f32), f32(0.0), f32(1.0))
-    w0 = f32(1.0) - w1
-    m = np.zeros((out_size, in_size), f32)
+    return i0, i1, f32(1.0) - w1, w1
+
+
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """(out, in) matrix of ``bilinear_taps``: the same resize as a matrix product."""
+    i0, i1, w0, w1 = bilinear_taps(in_size, out_size)
+    m = np.zeros((out_size, in_size), np.float32)
     np.add.at(m, (np.arange(out_size), i0), w0)
     np.add.at(m, (np.arange(out_size), i1), w1)
     return m
@@ -94,15 +101,21 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
 def resize_bilinear(x: jax.Array, size: int | tuple[int, int]) -> jax.Array:
     """Bilinear resize of NHWC ``x`` to ``size``, equal to PyTorch's ``align_corners=False`` formula.
 
-    Two small matrix products (rows, then columns) with constant matrices; an identity when the size
-    already matches.
+    Rows, then columns, each output its two source pixels (constant indices) times their weights
+    (``bilinear_taps``); an identity when the size already matches. Not matrix products: float32 GEMMs
+    at HIGHEST precision of these shapes fail to compile on XLA:GPU, whose Triton emitter finds no
+    tiling for them.
     """
     oh, ow = (size, size) if isinstance(size, int) else size
     _, h, w, _ = x.shape
     if (h, w) == (oh, ow):
         return x
-    x = jnp.einsum("oh,nhwc->nowc", bilinear_matrix(h, oh), x, precision=_HIGHEST)
-    return jnp.einsum("pw,nowc->nopc", bilinear_matrix(w, ow), x, precision=_HIGHEST)
+    for axis, n_in, n_out in ((1, h, oh), (2, w, ow)):
+        i0, i1, w0, w1 = bilinear_taps(n_in, n_out)
+        shape = [1] * 4
+        shape[axis] = n_out
+        x = jnp.take(x, i0, axis=axis) * w0.reshape(shape) + jnp.take(x, i1, axis=axis) * w1.reshape(shape)
+    return x
 
 
 def preprocess(images, size: int | tuple[int, int] = INPUT_SIZE) -> jax.Array:
