@@ -209,7 +209,8 @@ def _resize_taps(factor: int, up: bool):
   """Lanczos-3 resampling by an integer ``factor`` as FIR taps (float64 numpy): jax.image.resize's
   weights (normalised to sum 1; antialiased, i.e. the kernel stretched by ``factor``, going down) where
   the whole kernel lies inside the input. A list of (offsets, weights), one per output phase:
-  up: output f m + r = sum_k w_r[k] x[m + offsets_r[k]]; down (one phase): output i = sum_k w[k] x[f i + offsets[k]]."""
+  up, output f m + r = sum_k w_r[k] x[m + offsets_r[k]]; down (one phase), output i =
+  sum_k w[k] x[f i + offsets[k]]."""
   if up:
     phases = []
     for r in range(factor):
@@ -228,15 +229,17 @@ def _resize_reflect(x, factor: int, up: bool):
   """NHWC ``x`` resized by an integer ``factor`` (up, or down antialiased) with a Lanczos-3 kernel, the
   input reflected about its border pixels where the kernel reaches past them.
 
-  Separable multiply-adds of shifted (strided) views, one axis after the other; no matrix products:
-  jax.image.resize contracts with float32 GEMMs at HIGHEST precision, which XLA:GPU's Triton GEMM
-  emitter fails to tile at CIFAR-10's training batch ("Couldn't find output tile sizes")."""
+  Separable multiply-adds of shifted (strided) views, one axis after the other, equal to
+  jax.image.resize of the reflect-padded image; no matrix products: jax.image.resize's float32 GEMMs at
+  HIGHEST precision get no Triton tiling from XLA:GPU compiling without a GPU (no autotuning) at
+  CIFAR-10's training batch ("Couldn't find output tile sizes"), and cost more than these few taps."""
   for axis in (1, 2):
     x = _resample_axis(x, axis, factor, up)
   return x
 
 
 def _resample_axis(x, axis: int, factor: int, up: bool):
+  """``_resize_reflect`` along one axis: the reflected input's shifted views times ``_resize_taps``."""
   n = x.shape[axis]
   phases = _resize_taps(factor, up)
   lo = -min(int(o.min()) for o, _ in phases)

@@ -102,9 +102,9 @@ def resize_bilinear(x: jax.Array, size: int | tuple[int, int]) -> jax.Array:
     """Bilinear resize of NHWC ``x`` to ``size``, equal to PyTorch's ``align_corners=False`` formula.
 
     Rows, then columns, each output its two source pixels (constant indices) times their weights
-    (``bilinear_taps``); an identity when the size already matches. Not matrix products: float32 GEMMs
-    at HIGHEST precision of these shapes fail to compile on XLA:GPU, whose Triton emitter finds no
-    tiling for them.
+    (``bilinear_taps``); an identity when the size already matches. Not matrix products: XLA:GPU,
+    compiling without a GPU (no autotuning), finds no Triton tiling for float32 GEMMs of these shapes
+    at HIGHEST precision.
     """
     oh, ow = (size, size) if isinstance(size, int) else size
     _, h, w, _ = x.shape
