@@ -51,10 +51,12 @@ def base_config() -> ml_collections.ConfigDict:
 
   # The IMM objective (spec section 3). mapping: r(s, t) as a constant step towards the data in eta (the
   # paper's) | t | logsnr | inv_eta, of 2^-k of that variable's range (objectives/imm.py mapped_r; Fig. 11).
-  # weighting: full (Eq. 13) | elbo_alpha | elbo | none (Table 4's reductions). kernel: laplace | rbf.
+  # weighting: full (Eq. 13) | elbo_alpha | elbo | none (Table 4's reductions). kernel: laplace (the
+  # paper's) | rbf | energy | squared (matches only the mean: a consistency model at group_size 1,
+  # Lemma 1) | pseudo_huber (Lemma 2; c = kernel_c / sqrt(D)), all of u = w~(s, t) ||a - b|| / D but rbf.
   c.imm = ml_collections.ConfigDict(dict(
       group_size=4, eps=0.006, T=0.994, k=12, eta_max=160.0, eta_min=0.0, min_gap=0.0,
-      kernel="laplace", weight_a=1.0, weight_b=4.0, label_dropout=0.0, mapping="eta", weighting="full"))
+      kernel="laplace", kernel_c=0.1, weight_a=1.0, weight_b=4.0, label_dropout=0.0, mapping="eta", weighting="full"))
 
   # Flow matching (objectives/flow_matching.py): t ~ U(eps, T), also the samplers' range.
   c.flow_matching = ml_collections.ConfigDict(dict(eps=0.0, T=1.0, prediction="velocity", label_dropout=0.0))

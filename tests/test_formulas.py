@@ -23,6 +23,7 @@ from imm_jax.models.precond import Precond, denoise
 from imm_jax.objectives.imm import (
     IMMConfig,
     KERNEL_DIST_EPS,
+    KERNELS,
     eta_decrement_r,
     group_mmd,
     kernel_matrix,
@@ -564,6 +565,10 @@ def test_mapping_and_weighting_options_are_checked():
     IMMConfig(mapping="lambda")
   with pytest.raises(ValueError, match="config.imm.weighting"):
     IMMConfig(weighting="elbo_only")
+  with pytest.raises(ValueError, match="config.imm.kernel"):
+    IMMConfig(kernel="gaussian")
+  with pytest.raises(ValueError, match="config.imm.kernel_c"):
+    IMMConfig(kernel="pseudo_huber", kernel_c=0.0)
   for mapping in ("logsnr", "inv_eta"):  # their range over [0, T] is infinite
     with pytest.raises(ValueError, match="config.imm.eps > 0"):
       IMMConfig(eps=0.0, mapping=mapping)
@@ -576,9 +581,10 @@ def test_config_without_the_newer_options_reads_as_the_paper():
   import ml_collections
 
   from imm_jax.config_base import base_config
-  old = ml_collections.ConfigDict({k: v for k, v in base_config().imm.items() if k not in ("mapping", "weighting")})
+  old = ml_collections.ConfigDict({k: v for k, v in base_config().imm.items()
+                                   if k not in ("mapping", "weighting", "kernel_c")})
   cfg = IMMConfig.from_config(old)
-  assert (cfg.mapping, cfg.weighting) == ("eta", "full")
+  assert (cfg.mapping, cfg.weighting, cfg.kernel_c) == ("eta", "full", 0.1)
 
 
 @pytest.mark.parametrize("a,b", [(1.0, 4.0), (2.0, 5.0)])
@@ -674,13 +680,35 @@ def test_rbf_kernel_by_hand():
   assert k == pytest.approx(math.exp(-6.25), rel=1e-6)
 
 
-def _np_vstat_mmd(yt, yr, scale, kind):
+def _np_kernel(u_dist, sq_dist, w, d, kind, c=0.1):
+  """The spec's kernels written out in float64 from the distance (kernel_matrix's docstring)."""
+  u = w * max(u_dist, 1e-8) / d
+  c = c / math.sqrt(d)  # pseudo-Huber's c is given in units of u sqrt(D)
+  return {"laplace": math.exp(-u), "rbf": math.exp(-0.5 * w * sq_dist / d), "energy": -u,
+          "squared": -0.5 * (w * u_dist / d) ** 2, "pseudo_huber": c - math.sqrt(u * u + c * c)}[kind]
+
+
+def test_theory_kernels_by_hand():
+  """energy -u, squared -u^2/2 and pseudo-Huber c' - sqrt(u^2 + c'^2), c' = c / sqrt(D), of u = w ||a - b|| / D."""
+  a = jnp.asarray([[[0.0, 0.0, 0.0, 0.0]]])
+  b = jnp.asarray([[[3.0, 4.0, 0.0, 0.0]]])
+  scale = jnp.asarray([2.0])  # u = 2 * 5 / 4 = 2.5
+  got = {kind: float(kernel_matrix(a, b, scale, kind, 1.0)[0, 0, 0]) for kind in ("energy", "squared", "pseudo_huber")}
+  assert got["energy"] == pytest.approx(-2.5, rel=1e-6)
+  assert got["squared"] == pytest.approx(-3.125, rel=1e-6)
+  assert got["pseudo_huber"] == pytest.approx(0.5 - math.sqrt(6.25 + 0.25), rel=1e-6)  # c' = 1 / sqrt(4)
+  # pseudo-Huber is the squared kernel for u << c and the energy kernel (+ c) for u >> c
+  assert float(kernel_matrix(a, b, scale, "pseudo_huber", 2e3)[0, 0, 0]) == pytest.approx(-3.125 / 1e3, rel=1e-3)
+  assert float(kernel_matrix(a, b, scale, "pseudo_huber", 2e-3)[0, 0, 0]) == pytest.approx(-2.5 + 1e-3, rel=1e-3)
+
+
+def _np_vstat_mmd(yt, yr, scale, kind, c=0.1):
   g, m, d = yt.shape
   out = np.zeros(g)
   for i in range(g):
     def k(u, v):
-      dist = max(np.linalg.norm(u - v), 1e-8)
-      return math.exp(-scale[i] * dist / d) if kind == "laplace" else math.exp(-0.5 * scale[i] * dist**2 / d)
+      dist = np.linalg.norm(u - v)
+      return _np_kernel(dist, dist**2, scale[i], d, kind, c)
     tot = 0.0
     for j in range(m):
       for l in range(m):
@@ -689,22 +717,57 @@ def _np_vstat_mmd(yt, yr, scale, kind):
   return out
 
 
-@pytest.mark.parametrize("kind", ["laplace", "rbf"])
+@pytest.mark.parametrize("kind", KERNELS)
 def test_group_mmd_matches_brute_force_v_statistic(kind):
   rng = np.random.default_rng(9)
   yt = rng.standard_normal((3, 4, 5))
   yr = yt + 0.7 * rng.standard_normal((3, 4, 5))
   scale = np.array([1.0, 3.0, 0.5])
   got = np.asarray(group_mmd(jnp.asarray(yt, jnp.float32), jnp.asarray(yr, jnp.float32),
-                             jnp.asarray(scale, jnp.float32), kind))
-  np.testing.assert_allclose(got, _np_vstat_mmd(yt, yr, scale, kind), rtol=1e-4, atol=1e-6)
+                             jnp.asarray(scale, jnp.float32), kind, 0.7))
+  np.testing.assert_allclose(got, _np_vstat_mmd(yt, yr, scale, kind, 0.7), rtol=1e-4, atol=1e-6)
   assert np.all(got > 0)
+
+
+@pytest.mark.parametrize("kind", KERNELS)
+def test_group_mmd_is_nonnegative(kind):
+  """The V-statistic is c^T K c with weights summing to 0: >= 0 for positive definite and conditionally
+  positive definite kernels alike (Lemma 2 for pseudo-Huber), over many random groups and widths."""
+  rng = np.random.default_rng(12)
+  yt = rng.standard_normal((200, 4, 3)) * rng.uniform(0.01, 3.0, (200, 1, 1))
+  yr = rng.standard_normal((200, 4, 3)) * rng.uniform(0.01, 3.0, (200, 1, 1))
+  scale = rng.uniform(0.1, 30.0, 200)
+  got = np.asarray(group_mmd(jnp.asarray(yt), jnp.asarray(yr), jnp.asarray(scale), kind, 0.3))
+  assert got.min() > -1e-6
+
+
+def test_squared_kernel_matches_only_the_mean_lemma_1():
+  """-u^2/2 gives MMD^2 = (w / D)^2 ||mean(y_t) - mean(y_r)||^2: two groups with the same mean and another
+  spread are not told apart (the other kernels tell them apart), and with one particle it is the L2
+  consistency-model loss (w / D)^2 ||y_t - y_r||^2 (Lemma 1)."""
+  rng = np.random.default_rng(13)
+  g, m, d = 5, 4, 6
+  yt = rng.standard_normal((g, m, d))
+  yr = rng.standard_normal((g, m, d)) * 3.0
+  scale = rng.uniform(0.5, 4.0, g)
+  got = np.asarray(group_mmd(jnp.asarray(yt), jnp.asarray(yr), jnp.asarray(scale), "squared"))
+  expected = (scale / d) ** 2 * np.sum((yt.mean(1) - yr.mean(1)) ** 2, axis=-1)
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  # the same mean, three times the spread
+  yr = yt.mean(1, keepdims=True) + 3.0 * (yt - yt.mean(1, keepdims=True))
+  args = (jnp.asarray(yt), jnp.asarray(yr), jnp.asarray(scale))
+  np.testing.assert_allclose(np.asarray(group_mmd(*args, "squared")), 0.0, atol=1e-6)
+  for kind in ("laplace", "rbf", "energy", "pseudo_huber"):
+    assert np.asarray(group_mmd(*args, kind)).min() > 1e-4, kind
+  # one particle
+  got = np.asarray(group_mmd(jnp.asarray(yt[:, :1]), jnp.asarray(yr[:, :1]), jnp.asarray(scale), "squared"))
+  np.testing.assert_allclose(got, (scale / d) ** 2 * np.sum((yt[:, 0] - yr[:, 0]) ** 2, -1), rtol=1e-5)
 
 
 def test_group_mmd_identical_sets_is_zero():
   rng = np.random.default_rng(10)
   y = jnp.asarray(rng.standard_normal((2, 4, 6)), jnp.float32)
-  for kind in ("laplace", "rbf"):
+  for kind in KERNELS:
     got = np.asarray(group_mmd(y, y, jnp.asarray([1.0, 10.0]), kind))
     np.testing.assert_allclose(got, 0.0, atol=1e-6)
   # a permutation of the particles is the same empirical distribution

@@ -8,6 +8,7 @@ which the target y_r is a constant. Nothing here uses the code under test to pro
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,11 +64,12 @@ def _net(xp, params, x_in, c_t, c_s, labels):
   return xp.tanh(h)
 
 
-def reference_loss(xp, params_t, params_r, inputs, *, f_type, temb, kernel, a, b, m=M):
+def reference_loss(xp, params_t, params_r, inputs, *, f_type, temb, kernel, a, b, m=M, outputs=False):
   """Spec section 3.2 compact reference (OT-FM), in backend ``xp`` (np for float64 values, jnp for grads).
 
-  y_t = f(params_t, x_t, s, t); y_r = f(params_r, x_r, s, r); Laplace (or RBF) kernel with width
-  1 / |c_out(s, t)|, V-statistic MMD per group, weighted by w(t) and averaged over groups."""
+  y_t = f(params_t, x_t, s, t); y_r = f(params_r, x_r, s, r); Laplace (or another) kernel with width
+  1 / |c_out(s, t)|, V-statistic MMD per group, weighted by w(t) and averaged over groups. ``outputs``:
+  (y_t, y_r) grouped (G, M, D) and the kernel widths (G,) instead."""
   x_t, x_r, s, r, t = (inputs[k] for k in ("x_t", "x_r", "s", "r", "t"))
   labels = inputs.get("label")
   alpha = lambda u: 1.0 - u
@@ -96,12 +98,18 @@ def reference_loss(xp, params_t, params_r, inputs, *, f_type, temb, kernel, a, b
   yt, yr = yt.reshape(n_groups, m, dim), yr.reshape(n_groups, m, dim)
   tg, sg = t[::m], s[::m]
   wt = 1.0 / xp.abs(coeffs(sg, tg)[1])
+  if outputs:
+    return yt, yr, wt
 
   def K(u, v):
     sq = ((u[:, :, None, :] - v[:, None, :, :]) ** 2).sum(-1)
-    if kernel == "laplace":
-      return xp.exp(-wt[:, None, None] * xp.sqrt(xp.maximum(sq, 1e-16)) / dim)   # max(||.||, 1e-8)
-    return xp.exp(-0.5 * wt[:, None, None] * sq / dim)
+    if kernel == "rbf":
+      return xp.exp(-0.5 * wt[:, None, None] * sq / dim)
+    u = wt[:, None, None] * xp.sqrt(xp.maximum(sq, 1e-16)) / dim   # max(||.||, 1e-8)
+    c = 0.1 / dim**0.5  # pseudo-Huber's default c, 0.1, is in units of u sqrt(D)
+    return {"laplace": lambda: xp.exp(-u), "energy": lambda: -u,
+            "squared": lambda: -0.5 * wt[:, None, None] ** 2 * sq / dim**2,
+            "pseudo_huber": lambda: c - xp.sqrt(u**2 + c**2)}[kernel]()
 
   mmd = K(yt, yt).mean((1, 2)) + K(yr, yr).mean((1, 2)) - 2 * K(yt, yr).mean((1, 2))
   lam = 2 * xp.log(alpha(tg) / sigma(tg))
@@ -234,6 +242,9 @@ LOSS_CASES = [
     ("simple_edm", "identity", "laplace", 1.0, 5.0, 15, 0.006),  # CIFAR
     ("identity", "identity", "laplace", 1.0, 4.0, 8, 0.006),
     ("euler_fm", "identity", "rbf", 1.0, 4.0, 8, 0.0),
+    ("euler_fm", "identity", "energy", 1.0, 4.0, 8, 0.0),
+    ("simple_edm", "identity", "squared", 1.0, 5.0, 10, 0.006),
+    ("euler_fm", "stride", "pseudo_huber", 1.0, 4.0, 12, 0.0),
 ]
 
 
@@ -272,6 +283,24 @@ def test_loss_is_zero_for_the_exact_point_mass_predictor():
   bad = make_objective(k=8, eps=0.006, null_label=None,
                        apply=lambda p, xi, ct, cs, y, rng: oracle(p, xi, ct, cs, y, rng) + 0.5)
   assert float(jax.jit(bad.loss)(to_jax(make_params()), inputs, jax.random.key(0))[0]) > 1e-3
+
+
+def test_kernel_distance_metrics():
+  """rho = w~ ||a - b|| / sqrt(D): y_t to its own y_r (median over particles), and between the particles
+  of a group (mean over j != l, median over groups)."""
+  obj = make_objective(f_type="simple_edm", k=8, eps=0.006)
+  inputs = prepare(obj, make_batch(32, seed=5), jax.random.key(8))
+  params = make_params(2)
+  _, metrics = jax.jit(obj.loss)(to_jax(params), inputs, jax.random.key(0))
+  yt, yr, wt = reference_loss(np, params, params, np_inputs(inputs), f_type="simple_edm", temb="identity",
+                              kernel="laplace", a=1.0, b=4.0, outputs=True)
+  root_d = math.sqrt(yt.shape[-1])
+  target = wt[:, None] * np.linalg.norm(yt - yr, axis=-1) / root_d
+  pairs = [np.mean([wt[i] * np.linalg.norm(yt[i, j] - yt[i, l]) / root_d
+                    for j in range(M) for l in range(M) if j != l]) for i in range(yt.shape[0])]
+  assert float(metrics["rho_target"]) == pytest.approx(np.median(target), rel=1e-4)
+  assert float(metrics["rho_particles"]) == pytest.approx(np.median(pairs), rel=1e-4)
+  assert np.median(pairs) > 2 * np.median(target) > 0  # distinct particles are far apart, a target is near
 
 
 @pytest.mark.parametrize("eps", [0.0, 0.006])
