@@ -16,7 +16,7 @@ def test_a_bad_set_stops_in_one_line_before_training(tmp_path):
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [
       "error: --set/--ks/--group_sizes: no such config key 'imm.kk' (config.imm has: T, eps, eta_max, eta_min, group_size, k, kernel, "
-      "label_dropout, mapping, min_gap, weight_a, weight_b, weighting)"]
+      "kernel_c, label_dropout, mapping, min_gap, weight_a, weight_b, weighting)"]
   assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
 
 
