@@ -30,6 +30,7 @@ from imm_jax.models.precond import Precond, denoise
 # digits, ~3.5 on the toys and, if images behave alike, ~0.08 at CIFAR-10's D, where Laplace's exp(-u)
 # is nearly the energy kernel 1 - u. The training metrics rho_particles and rho_target log them.)
 KERNELS = ("laplace", "rbf", "energy", "squared", "pseudo_huber")
+KERNEL_C = 0.1  # pseudo_huber's default c (config.imm.kernel_c)
 # r(s, t): a constant step from t towards the data in one of these variables (App. C.6, Fig. 11).
 MAPPINGS = ("eta", "t", "logsnr", "inv_eta")
 # w(s, t) of Eq. 13 and its reductions in Table 4: none (w = 1), elbo (1/2 sigmoid(b - lambda) (-dlambda/dt)),
@@ -48,7 +49,7 @@ class IMMConfig:
   eta_min: float = 0.0
   min_gap: float = 0.0           # Delta of the fp16 variant: r <= t - Delta (0 disables)
   kernel: str = "laplace"        # KERNELS
-  kernel_c: float = 0.1          # pseudo_huber's c in units of rho = u sqrt(D) (KERNELS)
+  kernel_c: float = KERNEL_C     # pseudo_huber's c in units of rho = u sqrt(D) (KERNELS)
   weight_a: float = 1.0
   weight_b: float = 5.0
   label_dropout: float = 0.0
@@ -63,7 +64,7 @@ class IMMConfig:
                label_dropout=float(cfg.label_dropout),
                # config.json of runs from before these options: the paper's choices
                mapping=cfg.get("mapping", "eta"), weighting=cfg.get("weighting", "full"),
-               kernel_c=float(cfg.get("kernel_c", 0.1)))
+               kernel_c=float(cfg.get("kernel_c", KERNEL_C)))
 
   def __post_init__(self):
     if self.kernel not in KERNELS:
@@ -172,7 +173,7 @@ def pairwise_sq_distance(a, b):
   return jnp.sum(diff * diff, axis=-1)
 
 
-def kernel_matrix(a, b, scale, kind: str = "laplace", c: float = 0.1):
+def kernel_matrix(a, b, scale, kind: str = "laplace", c: float = KERNEL_C):
   """k_{s,t}(a, b) per group; scale = w~(s, t) with shape (G,). D normalises by the sample size.
 
   With u = w~ max(||a - b||, eps_k) / D (the max taken on the squared distance, so the gradient at
@@ -198,7 +199,7 @@ def kernel_matrix(a, b, scale, kind: str = "laplace", c: float = 0.1):
   raise ValueError(f"unknown kernel {kind!r} (config.imm.kernel): choose one of {KERNELS}")
 
 
-def group_mmd(y_t, y_r, scale, kind: str = "laplace", c: float = 0.1):
+def group_mmd(y_t, y_r, scale, kind: str = "laplace", c: float = KERNEL_C):
   """V-statistic MMD^2 per group over the full M x M blocks, diagonals included (Eq. 67).
 
   y_t, y_r: (G, M, D); scale: (G,). Returns (G,). For every kernel of KERNELS it is >= 0: the
@@ -224,7 +225,7 @@ def kernel_distances(y_t, y_r, scale):
   dim, m = y_t.shape[-1], y_t.shape[1]
   unit = scale[:, None] / math.sqrt(dim)
   target = unit * jnp.sqrt(jnp.sum(jnp.square(y_t - y_r), axis=-1))
-  pairs = jnp.sqrt(jnp.maximum(pairwise_sq_distance(y_t, y_t), 0.0)) * unit[:, :, None]
+  pairs = jnp.sqrt(pairwise_sq_distance(y_t, y_t)) * unit[:, :, None]
   off_diagonal = jnp.sum(pairs, axis=(1, 2)) / max(m * (m - 1), 1)
   return {"rho_target": jnp.median(target), "rho_particles": jnp.median(off_diagonal)}
 
@@ -297,11 +298,11 @@ class IMMObjective:
     y_r = jax.lax.stop_gradient(f(jax.lax.stop_gradient(params), inputs["x_r"], s, r, k_r))
     s_g, r_g, t_g = s[::m], r[::m], t[::m]
     scale = self.precond.kernel_scale(s_g, t_g)
-    mmd = group_mmd(y_t.reshape(g, m, -1), y_r.reshape(g, m, -1), scale, self.cfg.kernel,
-                    self.cfg.kernel_c)
+    y_t, y_r = y_t.reshape(g, m, -1), y_r.reshape(g, m, -1)
+    mmd = group_mmd(y_t, y_r, scale, self.cfg.kernel, self.cfg.kernel_c)
     w = time_weight(t_g, self.precond.interpolant, self.cfg.weight_a, self.cfg.weight_b, self.cfg.weighting)
     loss = jnp.mean(w * mmd)
     metrics = {"loss": loss, "mmd": jnp.mean(mmd), "t_minus_r": jnp.mean(t_g - r_g),
                "base_case_frac": jnp.mean((r_g == s_g).astype(jnp.float32)),
-               **kernel_distances(y_t.reshape(g, m, -1), y_r.reshape(g, m, -1), scale)}
+               **kernel_distances(y_t, y_r, scale)}
     return loss, metrics
