@@ -7,6 +7,10 @@ import os
 # compiling for GPUs and TPU slices in tests/test_gpu_target.py and tests/test_tpu_target.py) this keeps
 # every process, subprocesses included, from looking for a driver or a TPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite's programs are small and run a few steps, so compiling them dominates: XLA's backend (LLVM)
+# optimisation is turned off (jax_disable_most_optimizations; the HLO passes, and so the programs' FLOPs,
+# fusions and numerics up to float rounding, are unchanged), which makes the suite ~25% faster.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position

@@ -18,6 +18,7 @@ from imm_jax.builder import build_model
 from imm_jax.data import get_info
 from imm_jax.configs_loader import CONFIG_DIR, check_config_argv, load_config
 from imm_jax.models import count_params
+from imm_jax.writers import read_metrics
 from imm_jax.trainer import train_and_evaluate
 
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py")))
@@ -67,13 +68,19 @@ def test_tfds_configs_train_on_mock_data(name, tmp_path):
     c.model.update(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,))
   else:
     c.model.update(preset="", patch_size=4, hidden_size=32, depth=1, num_heads=2)
+  workdir = str(tmp_path / name)
   with tfds.testing.mock_data(num_examples=16):
-    figures = train_and_evaluate(c, str(tmp_path / name))
+    figures = train_and_evaluate(c, workdir)
     # imm_jax.aot, which reads no data, compiles the network the data gives.
     data, assumed = get_info(c.data), config_data_info(c)
     shapes = [jax.tree.map(lambda a: a.shape, build_model(c, info).abstract_params()) for info in (data, assumed)]
     assert (assumed.shape, assumed.kind) == (data.shape, data.kind) and shapes[0] == shapes[1]
   assert np.isfinite(figures["energy_1step"])
+  losses = {r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}
+  assert sorted(losses) == [1, 2] and all(np.isfinite(list(losses.values())))
+  samples = sorted(os.listdir(os.path.join(workdir, "samples")))
+  # configs/cifar10.py augments (EDM's pipeline, its labels into the network): a grid of augmented batches.
+  assert samples == (["augmented.png"] if name == "cifar10" else []) + ["step0000002_1step.png"]
 
 
 DIGITS = os.path.join(CONFIG_DIR, "digits.py")
