@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import sys
 import time
 from typing import Any, Callable
@@ -168,6 +169,7 @@ def outside_persistent_cache(active: bool = True):
 # GEMMs (e.g. DiT-S/4's at configs/mnist.py's batch) does not exist. An autotuning compile on a GPU
 # chooses among tilings and cuBLAS instead.
 _NO_TRITON_TILING = "Couldn't find output tile sizes"
+_XLA_ERROR_CODE = re.compile(r"^E\d+: \w+: ")  # e.g. "E1000: CompileTimeHbmOom: "
 
 
 def _compile(lowered, what: str, compile_only: bool):
@@ -190,7 +192,9 @@ def _compile(lowered, what: str, compile_only: bool):
     message = str(e).splitlines()[0] if str(e) else type(e).__name__
     if "RESOURCE_EXHAUSTED" not in message:
       raise
-    figures = message.split(": ", 1)[-1].rstrip(".")
+    figures = message.split(": ", 1)[-1]
+    # libtpu >= 0.0.50 puts a code in front and the module's name behind the figures.
+    figures = _XLA_ERROR_CODE.sub("", figures).split(". HLO module:")[0].rstrip(".")
     error = ValueError(f"{what} does not fit one device ({figures}): set config.model.remat, "
                        f"config.grad_accum_steps or config.mesh.fsdp, or use more --num_devices")
     error.input_error = True

@@ -372,7 +372,8 @@ def reduction_bytes(text: str, in_loops: bool = False) -> collections.Counter:
   found = collections.Counter()
   for name in names:
     for inst in computations.get(name, []):
-      if inst["op"] in ("all-reduce", "all-reduce-start", "reduce-scatter"):
+      # An asynchronous all-reduce by its -done: newer XLA gives -start the shape ((operands), result).
+      if inst["op"] in ("all-reduce", "all-reduce-done", "reduce-scatter"):
         for dtype, dims in _ARRAY.findall(inst["shape"]):
           found[dtype] += _array_bytes(f"{dtype}[{dims}]")
   return found

@@ -196,9 +196,10 @@ def test_hlo_account_counts_what_xla_rematerialised():
 
 
 def test_reduction_bytes_by_element_type():
-  """Each all-reduce (sync or async start; a tuple counts every array) and reduce-scatter once, its
-  result's bytes per element type; the async done halves and other collectives not at all. With
-  ``in_loops``, only those in loop bodies and what they call."""
+  """Each all-reduce (sync, or async counted at its done: the start's shape is the result in jax 0.10's
+  XLA, ((operands), result) in jax 0.12's; a tuple counts every array) and reduce-scatter once, its
+  result's bytes per element type; other collectives not at all. With ``in_loops``, only those in loop
+  bodies and what they call."""
   text = """HloModule m
 
 %sum (a: f32[], b: f32[]) -> f32[] {
@@ -215,6 +216,8 @@ ENTRY %main (g: f32[1024], h: bf16[64], k: f32[8,16], s: (s32[], f32[256])) -> f
   %ar = (f32[1024]{0}, bf16[64]{0}) all-reduce(%g, %h), replica_groups={{0,1}}, to_apply=%sum
   %ars = f32[8,16]{1,0} all-reduce-start(%k), replica_groups={{0,1}}, to_apply=%sum
   %ard = f32[8,16]{1,0} all-reduce-done(%ars)
+  %ars2 = ((f32[1024]{0}), f32[1024]{0}) all-reduce-start(%g), replica_groups={{0,1}}, to_apply=%sum
+  %ard2 = f32[1024]{0} all-reduce-done(%ars2)
   %rs = f32[512]{0} reduce-scatter(%g), replica_groups={{0,1}}, dimensions={0}, to_apply=%sum
   %ag = f32[2048]{0} all-gather(%g), replica_groups={{0,1}}, dimensions={0}
   %loop = (s32[], f32[256]{0}) while(%s), condition=%cond, body=%body
@@ -235,7 +238,7 @@ ENTRY %main (g: f32[1024], h: bf16[64], k: f32[8,16], s: (s32[], f32[256])) -> f
 }
 """
   # The one in the loop body (through the computation the body calls) is counted once, and alone with in_loops.
-  assert profiling.reduction_bytes(text) == {"f32": 4 * (1024 + 128 + 512 + 256), "bf16": 2 * 64}
+  assert profiling.reduction_bytes(text) == {"f32": 4 * (1024 + 128 + 1024 + 512 + 256), "bf16": 2 * 64}
   assert profiling.reduction_bytes(text, in_loops=True) == {"f32": 4 * 256}
 
 

@@ -143,6 +143,29 @@ def test_sampler_estimate_counts_every_step():
   assert one.flops == pytest.approx(aot.forward_flops(one.model, 256 // 4 * 2)) and two.flops == 2 * one.flops
 
 
+def test_hbm_refusal_reads_the_same_from_either_libtpu():
+  """libtpu 0.0.42 (jax 0.10) and 0.0.50 (jax 0.12) word XLA:TPU's refusal differently; the line is one."""
+  figures = ("Ran out of memory on HBM, the total memory required for HLO temporaries (24.99G) exceeds "
+             "available HBM (15.75G)")
+
+  class Lowered:
+    def __init__(self, message):
+      self.message = message
+
+    def compile(self, options=None):
+      raise jax.errors.JaxRuntimeError(self.message)
+
+  for message in (f"RESOURCE_EXHAUSTED: {figures}.",
+                  f"RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: {figures}. HLO module: jit_update_fn"):
+    with pytest.raises(ValueError) as e:
+      aot._compile(Lowered(message), "the step", compile_only=True)  # pylint: disable=protected-access
+    assert str(e.value) == (f"the step does not fit one device ({figures}): set config.model.remat, "
+                            "config.grad_accum_steps or config.mesh.fsdp, or use more --num_devices")
+    assert e.value.input_error
+  with pytest.raises(jax.errors.JaxRuntimeError):
+    aot._compile(Lowered("INTERNAL: something else"), "the step", compile_only=True)  # pylint: disable=protected-access
+
+
 @needs_libtpu
 def test_cli_step_that_does_not_fit_the_hbm_is_one_line():
   env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
