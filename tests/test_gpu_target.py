@@ -214,7 +214,10 @@ def test_cli_compiles_for_two_h200s_without_a_gpu():
   # the biases' in bf16.
   params = float(re.search(r"model: ([0-9.]+)M parameters", out).group(1)) * 1e6
   sums = dict(re.findall(r"(\w+) ([0-9.]+) MB", out.split("summed across devices")[1].splitlines()[0]))
-  assert float(sums["f32"]) * 1e6 >= 0.99 * 4 * params and float(sums.get("bf16", 0)) * 1e6 <= 0.01 * 2 * params
+  # (Each sum once: jax 0.12's XLA gives an async all-reduce's start its operands and result; `params`
+  # is printed to 0.01M.)
+  assert 0.99 * 4 * params <= float(sums["f32"]) * 1e6 <= 1.05 * 4 * params
+  assert float(sums.get("bf16", 0)) * 1e6 <= 0.01 * 2 * params
   r = subprocess.run(cmd + ["--steps", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --steps=1 runs steps")
 
