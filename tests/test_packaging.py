@@ -32,14 +32,10 @@ def test_every_jax_requirement_carries_the_same_bounded_range():
   assert not spec.contains("0.4.30")
 
 
-def _bash_blocks(markdown: str):
-  return re.findall(r"```bash\n(.*?)```", markdown, re.S)
-
-
 def test_ci_runs_the_readme_test_command():
   readme = (ROOT / "README.md").read_text()
   section = readme.split("## Two commands for a fresh machine", 1)[1].split("\n## ", 1)[0]
-  blocks = _bash_blocks(section)
+  blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
   assert len(blocks) == 2, "the README's fresh-machine section should give two commands"
   install_and_train, install_and_test = (b.strip() for b in blocks)
   assert "imm_jax.train --config configs/digits.py" in install_and_train
