@@ -1,6 +1,6 @@
 """The ablation sweep (imm_jax.experiments.sweep): config overrides and grids, run naming, the report
-table and the command line's checks. Training itself is exercised by the trainer tests; here no
-network is trained."""
+table and the command line's checks. Training itself is exercised by the trainer tests; here only the
+one slow test trains (two steps), for the figures drawn with --eval_num."""
 
 from __future__ import annotations
 
@@ -78,6 +78,44 @@ def test_table_has_a_row_per_run_and_marks_divergence():
   assert "| logsnr | 10 | 0 | 256 | diverged | diverged | diverged |" in lines
 
 
+def test_table_has_a_column_per_evaluated_step_count_and_names_the_sample_count():
+  settings = {"imm.weight_a": 2.0}
+  runs = {"weight_a=2.0_s0": dict(settings=settings, seed=0, groups=32, energy_1step=0.12, energy_8step=0.031)}
+  res = {"name": "digits_weight_a", "num_steps": 1500, "runs": runs, "grid_axes": [["imm.weight_a"]],
+         "eval_steps": [1, 8], "eval_num": 2000, "true_vs_true_energy": 0.002}
+  lines = sweep.markdown_table(res).splitlines()
+  assert "energy distance of 2000 samples per step count to held-out true samples" in lines[0]
+  assert lines[2:] == ["| weight_a | seed | groups per batch | 1 step | 8 steps |", "|---|---|---|---|---|",
+                       "| 2.0 | 0 | 32 | 0.12000 | 0.03100 |"]
+
+
+@pytest.mark.slow
+def test_eval_num_reports_the_distance_of_that_many_fresh_samples(tmp_path):
+  # The figures with --eval_num are those of imm_jax.evaluate's N samples (sampling seed 0) against N
+  # held-out points, not the trainer's config.eval.num: recomputed here from the run's checkpoint
+  # through the Generator, the held-out set and the energy distance directly.
+  import numpy as np
+
+  from imm_jax.data import pipeline
+  from imm_jax.evaluation import distances
+  from imm_jax.generation import Generator
+
+  grid = sweep.parse_grid(["imm.mapping=eta"])
+  res = sweep.run_sweep("toy2d", "moons", grid, 2, workdir=str(tmp_path), eval_num=96, eval_steps=(1, 8))
+  run = res["runs"]["mapping=eta_s0"]
+  assert (res["eval_num"], res["eval_steps"]) == (96, [1, 8])
+  assert sorted(k for k in run if k.startswith("energy")) == ["energy_1step", "energy_8step"]
+  gen = Generator(str(tmp_path / run["workdir"]))
+  held_out, _ = pipeline.load_eval_set(gen.config.data, 96, seed=int(gen.config.seed))
+  assert held_out.shape == (96, 2)
+  for n in (1, 8):
+    x = gen.sample(gen.setting(n), gen.noise(0, 0, 96), None)
+    assert run[f"energy_{n}step"] == pytest.approx(distances.energy_distance(x, held_out), rel=1e-6)
+  # the floor compares the same sizes: 96 training points against the 96 held-out ones
+  assert len(res["true_vs_true_energy_draws"]) == sweep.FLOOR_DRAWS
+  assert np.all(np.abs(res["true_vs_true_energy_draws"]) < 0.2)
+
+
 def _run_cli(tmp_path, *args):
   return subprocess.run([sys.executable, "-m", "imm_jax.experiments.sweep", *args,
                          f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'o'}"],
@@ -95,6 +133,12 @@ def test_a_bad_grid_value_stops_in_one_line_before_training(tmp_path):
   assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
   r = _run_cli(tmp_path)
   assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --grid: give at least one")
+  r = _run_cli(tmp_path, "--grid", "imm.k=10", "--eval_steps", "1,eight")
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines() == ["error: --eval_steps: '1,eight' is not a list of step counts, e.g. 1,2,4,8"]
+  r = _run_cli(tmp_path, "--grid", "imm.k=10", "--eval_steps", "0,2")
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --eval_steps/--eval_num: give")
+  assert not (tmp_path / "w").exists() and not (tmp_path / "o").exists()
 
 
 def test_plot_has_a_column_per_value_of_the_last_grid_and_a_row_per_seed(tmp_path):

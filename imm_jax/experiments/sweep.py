@@ -1,20 +1,29 @@
 """Small-scale ablations: train IMM on the built-in data for every combination of config values, then
-compare the runs' 1/2/4-step samples with the energy distance to held-out data.
+compare the runs' few-step samples with the energy distance to held-out data.
 
   python -m imm_jax.experiments.sweep --config toy2d --variant checkerboard --num_steps 1000 \
       --grid imm.mapping,imm.k=eta:12,t:6,logsnr:6,inv_eta:12 --set imm.eps=0.001 --seeds 0,1 --tag mapping
   python -m imm_jax.experiments.sweep --config toy2d --variant checkerboard --num_steps 1000 \
       --grid imm.weighting=none,elbo,elbo_alpha,full --seeds 0,1 --tag weighting
   python -m imm_jax.experiments.sweep --config digits --num_steps 800 --grid imm.kernel=laplace,rbf \
-      --grid optim.lr=1e-3,3e-3
+      --grid optim.lr=1e-3,3e-3 --eval_num 2000 --eval_steps 1,2,4,8
 
 Every run has the same batch and number of steps. ``--grid KEY=v1,v2,...`` (repeatable) names the
 values of one config key, ``--grid KEY1,KEY2=a1:b1,a2:b2`` values of keys that change together (each
 mapping at its own k); the runs are all combinations of the grids, once per seed. ``--set
 KEY=VALUE`` changes a config value for every run. A value is a Python literal or a string. Reported,
-next to each run: the energy distance of its EMA model's 1, 2 and 4-step samples to fresh true
-samples, and the floor (two independent true sets of the same size). A run whose training metrics
-become non-finite is reported as diverged (NaN) rather than stopping the sweep.
+next to each run: the energy distance of its EMA model's samples (1, 2 and 4 steps, or
+``--eval_steps``) to held-out true samples, and the floor (true sets of the same sizes: training
+examples against the held-out ones). A run whose training metrics become non-finite is reported as
+diverged (NaN) rather than stopping the sweep.
+
+By default the figures are the trainer's own final evaluation: ``config.eval.num`` samples against as
+many held-out examples (the toys: 4096 fresh points; digits: its 297 held-out images). For digits that
+is noisy: one model's figure moves by ~0.014 (standard deviation) from one draw of 297 samples to the
+next, as much as many of the differences an ablation looks for (docs/ablations.md). ``--eval_num N``
+samples N examples per step count instead, through ``imm_jax.evaluate`` (its shards and reports land
+in the run's ``eval/`` folder; a setting sampled before is read back, not sampled again), against the
+same held-out set; ``--eval_steps`` picks the step counts (e.g. 1,2,4,8 for Table 7's 8-step column).
 
 Each run trains in `<workdir>/<config>_<variant>_<steps>steps[_<overrides>]_<grid values>_s<seed>`;
 a finished run found there is only re-evaluated, so reports over overlapping sweeps cost no extra
@@ -56,6 +65,9 @@ def define_common_flags():
                             "--set optim.lr=3e-3 --set imm.kernel=rbf. VALUE is a Python literal or a string.")
   flags.DEFINE_string("tag", "", "Suffix of the result name (the JSON and PNG files), to keep reports apart.")
   flags.DEFINE_string("out", "docs/results", "Output folder for the JSON summary and the plot.")
+  flags.DEFINE_integer("eval_num", 0, "Samples per step count for the reported energy distances, drawn by "
+                       "imm_jax.evaluate; 0: the trainer's final evaluation (config.eval.num samples).")
+  flags.DEFINE_list("eval_steps", ["1", "2", "4"], "Sampling step counts reported for every run.")
 
 
 def define_flags():
@@ -156,17 +168,29 @@ def check(config_name: str, variant: str, grid, overrides: dict):
       IMMConfig.from_config(c.imm)
 
 
+def resampled_figures(run_dir: str, steps, num: int) -> dict[str, float]:
+  """``energy_<n>step`` of a trained run from ``num`` fresh samples per step count (``imm_jax.evaluate``,
+  sampling seed 0, against the run's held-out set)."""
+  from imm_jax.evaluate import evaluate
+
+  reports = evaluate(run_dir, steps, num=num, metrics=("distance",), distance_num=num, progress=False)
+  return {f"energy_{r['setting']['steps']}step": float(r["metrics"]["energy_distance"]) for r in reports}
+
+
 def run_sweep(config_name: str, variant: str, grid, num_steps: int, seeds=(0,),
-              workdir: str = "workdirs/sweep", overrides=None, tag: str = "") -> dict:
+              workdir: str = "workdirs/sweep", overrides=None, tag: str = "", eval_num: int = 0,
+              eval_steps=(1, 2, 4)) -> dict:
   """Trains every combination of ``grid`` (parse_grid's axes) once per seed at the same batch and
   steps; returns figures per run and the floor. ``results['runs']`` maps ``run_key`` to the run's
-  settings and its energy distances (NaN, with ``diverged`` true, when training stopped on
-  non-finite metrics)."""
+  settings and its energy distances at ``eval_steps`` (NaN, with ``diverged`` true, when training
+  stopped on non-finite metrics): the trainer's final evaluation, or with ``eval_num`` > 0 that many
+  samples per step count (:func:`resampled_figures`)."""
   from imm_jax import data as data_lib
   from imm_jax.evaluation import distances
   from imm_jax.trainer import train_and_evaluate
 
   seeds = [int(s) for s in seeds]
+  eval_steps = [int(n) for n in eval_steps]
   overrides = dict(overrides or {})
   name = f"{config_name}_{variant}" if variant else config_name
   if tag:
@@ -174,7 +198,7 @@ def run_sweep(config_name: str, variant: str, grid, num_steps: int, seeds=(0,),
   base = run_config(config_name, variant, overrides, {})
   results = {"name": name, "num_steps": num_steps, "batch_size": int(base.batch_size),
              "overrides": overrides, "grid_axes": [list(keys) for keys, _ in grid],
-             "seeds": seeds, "runs": {}}
+             "seeds": seeds, "eval_steps": eval_steps, "eval_num": int(eval_num), "runs": {}}
   for settings in _combinations(grid):
     for sd in seeds:
       c = run_config(config_name, variant, overrides, settings)
@@ -183,25 +207,30 @@ def run_sweep(config_name: str, variant: str, grid, num_steps: int, seeds=(0,),
       c.sample_every = num_steps
       c.checkpoint.every = num_steps
       c.eval.at_start = False
+      if not eval_num:
+        c.eval.steps = tuple(eval_steps)
       key = run_key(settings, sd)
       run_dir = run_dir_name(config_name, variant, num_steps, overrides, key)
       run = {"settings": settings, "seed": sd, "batch_size": int(c.batch_size),
              "groups": int(c.batch_size) // int(c.imm.group_size), "workdir": run_dir}
       try:
         figures = train_and_evaluate(c, os.path.join(workdir, run_dir))
-        run.update(diverged=False, **{f: float(v) for f, v in figures.items()})
+        if eval_num:
+          figures = resampled_figures(os.path.join(workdir, run_dir), eval_steps, eval_num)
+        run.update(diverged=False, **{f: float(v) for f, v in figures.items() if f.startswith("energy_")})
       except FloatingPointError as e:
         absl_logging.warning("%s diverged: %s", key, e)
-        run.update(diverged=True, **{f"energy_{n}step": math.nan for n in c.eval.steps})
+        run.update(diverged=True, **{f"energy_{n}step": math.nan for n in eval_steps})
       results["runs"][key] = run
       print(f"{key}: " + ", ".join(f"{f}={v:.5f}" for f, v in run.items() if f.startswith("energy")),
             flush=True)
-  # The floor: held-out data against as many training examples (two independent real sets), for
+  # The floor: the held-out data against as many training examples as the figures have samples, for
   # FLOOR_DRAWS independent training draws: their spread is the noise level of every figure above.
-  held_out, _ = data_lib.load_eval_set(base.data, int(base.eval.num))
+  held_out, _ = data_lib.load_eval_set(base.data, int(eval_num or base.eval.num))
   draws = []
   for i in range(FLOOR_DRAWS):
-    real = next(data_lib.create_train_iterator(base.data, local_batch_size=len(held_out), seed=seeds[0] + 1 + i))["x"]
+    real = next(data_lib.create_train_iterator(base.data, local_batch_size=int(eval_num or len(held_out)),
+                                               seed=seeds[0] + 1 + i))["x"]
     draws.append(float(distances.energy_distance(real.reshape(len(real), -1), held_out.reshape(len(held_out), -1))))
   results["true_vs_true_energy"] = float(sum(draws) / len(draws))
   results["true_vs_true_energy_draws"] = draws
@@ -223,15 +252,17 @@ def markdown_table(results: dict) -> str:
   keys = grid_keys(results["grid_axes"])
   over = results.get("overrides") or {}
   over_txt = (", overrides " + ", ".join(f"`{k}={v}`" for k, v in over.items())) if over else ""
+  steps = results.get("eval_steps", (1, 2, 4))
+  samples = f"{results['eval_num']} samples per step count" if results.get("eval_num") else "the trainer's samples"
   lines = [f"IMM on `{results['name']}`, {results['num_steps']} steps at equal batch{over_txt} (energy "
-           f"distance to fresh true samples, lower is better; two independent true sets: "
+           f"distance of {samples} to held-out true samples, lower is better; true sets of the same sizes: "
            f"{_floor_text(results)})", "",
-           "| " + " | ".join([short_name(k) for k in keys] + ["seed", "groups per batch", "1 step", "2 steps",
-                                                               "4 steps"]) + " |",
-           "|" + "---|" * (len(keys) + 5)]
+           "| " + " | ".join([short_name(k) for k in keys] + ["seed", "groups per batch"]
+                             + [f"{n} step" + ("s" if n > 1 else "") for n in steps]) + " |",
+           "|" + "---|" * (len(keys) + 2 + len(steps))]
   for r in results["runs"].values():
     cells = [str(r["settings"][k]) for k in keys] + [str(r["seed"]), str(r["groups"])]
-    cells += [_fmt(r[f"energy_{n}step"]) for n in (1, 2, 4)]
+    cells += [_fmt(r[f"energy_{n}step"]) for n in steps]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
@@ -270,8 +301,16 @@ def run_and_report(prefix: str, grid, workdir: str):
     check(FLAGS.config, FLAGS.variant, grid, overrides)
   except (KeyError, ValueError) as e:
     fail(f"--set/--grid: {e.args[0]}")
+  try:
+    eval_steps = [int(n) for n in FLAGS.eval_steps]
+  except ValueError:
+    fail(f"--eval_steps: {','.join(FLAGS.eval_steps)!r} is not a list of step counts, e.g. 1,2,4,8")
+  if not eval_steps or min(eval_steps) < 1 or FLAGS.eval_num < 0:
+    fail("--eval_steps/--eval_num: give positive step counts (e.g. 1,2,4,8) and --eval_num >= 0 (0: the "
+         "trainer's own evaluation)")
   results = run_sweep(FLAGS.config, FLAGS.variant, grid, FLAGS.num_steps, seeds=FLAGS.seeds,
-                      workdir=workdir, overrides=overrides, tag=FLAGS.tag)
+                      workdir=workdir, overrides=overrides, tag=FLAGS.tag, eval_num=FLAGS.eval_num,
+                      eval_steps=eval_steps)
   name = results["name"]
   with atomic_open(os.path.join(FLAGS.out, f"{prefix}_{name}.json"), "w") as f:
     json.dump(results, f, indent=2)
