@@ -105,6 +105,7 @@ def test_eval_num_reports_the_distance_of_that_many_fresh_samples(tmp_path):
   run = res["runs"]["mapping=eta_s0"]
   assert (res["eval_num"], res["eval_steps"]) == (96, [1, 8])
   assert sorted(k for k in run if k.startswith("energy")) == ["energy_1step", "energy_8step"]
+  assert (tmp_path / run["workdir"] / run["grid_8step"]).is_file()  # the picture of those samples
   gen = Generator(str(tmp_path / run["workdir"]))
   held_out, _ = pipeline.load_eval_set(gen.config.data, 96, seed=int(gen.config.seed))
   assert held_out.shape == (96, 2)
@@ -160,3 +161,22 @@ def test_plot_has_a_column_per_value_of_the_last_grid_and_a_row_per_seed(tmp_pat
   got = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"))
   strip = images_lib.side_by_side([np.zeros((20, 30, 3), np.uint8)] * 3, ["mapping=eta k=12, seed 0: 0.00100"] * 3)
   assert got.shape == (2 * (strip.shape[0] + 8), strip.shape[1], 3)
+
+
+def test_plot_shows_the_samples_the_figure_was_computed_from(tmp_path):
+  # With --eval_num a run's 1-step figure comes from imm_jax.evaluate's samples: the plot shows their
+  # picture (grid_1step), not the trainer's sample grid of other noise.
+  import numpy as np
+  from PIL import Image
+
+  from imm_jax import images as images_lib
+
+  images_lib.save_png(tmp_path / "r" / "samples" / "000100_1step.png", np.zeros((20, 30, 3), np.uint8))
+  images_lib.save_png(tmp_path / "r" / "eval" / "ckpt100_1step.png", np.full((24, 36, 3), 200, np.uint8))
+  run = dict(settings={"imm.k": 12}, seed=0, workdir="r", energy_1step=0.001)
+  for grid_1step, shape, value in ((None, (20, 30), 0), ("eval/ckpt100_1step.png", (24, 36), 200)):
+    res = {"grid_axes": [["imm.k"]], "runs": {"k12_s0": dict(run, grid_1step=grid_1step)}}
+    sweep.plot(res, str(tmp_path), str(tmp_path / "out.png"))
+    got = np.asarray(Image.open(tmp_path / "out.png").convert("RGB"))
+    strip = images_lib.side_by_side([np.full(shape + (3,), value, np.uint8)], ["k=12, seed 0: 0.00100"])
+    np.testing.assert_array_equal(got[:strip.shape[0]], strip)

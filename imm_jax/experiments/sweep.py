@@ -168,13 +168,19 @@ def check(config_name: str, variant: str, grid, overrides: dict):
       IMMConfig.from_config(c.imm)
 
 
-def resampled_figures(run_dir: str, steps, num: int) -> dict[str, float]:
+def resampled_figures(run_dir: str, steps, num: int) -> dict:
   """``energy_<n>step`` of a trained run from ``num`` fresh samples per step count (``imm_jax.evaluate``,
-  sampling seed 0, against the run's held-out set)."""
+  sampling seed 0, against the run's held-out set), and ``grid_<n>step``: the picture of those samples,
+  relative to ``run_dir``."""
   from imm_jax.evaluate import evaluate
 
-  reports = evaluate(run_dir, steps, num=num, metrics=("distance",), distance_num=num, progress=False)
-  return {f"energy_{r['setting']['steps']}step": float(r["metrics"]["energy_distance"]) for r in reports}
+  out = {}
+  for r in evaluate(run_dir, steps, num=num, metrics=("distance",), distance_num=num, progress=False):
+    n = r["setting"]["steps"]
+    out[f"energy_{n}step"] = float(r["metrics"]["energy_distance"])
+    if r["grid"]:
+      out[f"grid_{n}step"] = os.path.relpath(r["grid"], os.path.abspath(run_dir))
+  return out
 
 
 def run_sweep(config_name: str, variant: str, grid, num_steps: int, seeds=(0,),
@@ -218,6 +224,7 @@ def run_sweep(config_name: str, variant: str, grid, num_steps: int, seeds=(0,),
         if eval_num:
           figures = resampled_figures(os.path.join(workdir, run_dir), eval_steps, eval_num)
         run.update(diverged=False, **{f: float(v) for f, v in figures.items() if f.startswith("energy_")})
+        run.update({f: v for f, v in figures.items() if f.startswith("grid_")})
       except FloatingPointError as e:
         absl_logging.warning("%s diverged: %s", key, e)
         run.update(diverged=True, **{f"energy_{n}step": math.nan for n in eval_steps})
@@ -268,8 +275,9 @@ def markdown_table(results: dict) -> str:
 
 
 def plot(results: dict, workdir: str, path: str):
-  """Each run's final 1-step samples (from its sample grids): a column per value of the last grid axis,
-  a row per combination of the other axes and seed."""
+  """Each run's final 1-step samples, those its 1-step figure was computed from where the run has their
+  picture (``grid_1step``, with ``--eval_num``), else the trainer's last 1-step sample grid: a column per
+  value of the last grid axis, a row per combination of the other axes and seed."""
   import numpy as np
   from PIL import Image
 
@@ -279,7 +287,10 @@ def plot(results: dict, workdir: str, path: str):
   row_keys = grid_keys(row_axes)
   rows = {}
   for r in results["runs"].values():
-    pngs = sorted(glob.glob(os.path.join(workdir, r["workdir"], "samples", "*_1step.png")))
+    if r.get("grid_1step"):
+      pngs = [os.path.join(workdir, r["workdir"], r["grid_1step"])]
+    else:
+      pngs = sorted(glob.glob(os.path.join(workdir, r["workdir"], "samples", "*_1step.png")))
     if pngs:
       label = (" ".join(f"{short_name(k)}={r['settings'][k]}" for k in col_keys)
                + f", seed {r['seed']}: {_fmt(r['energy_1step'])}")
