@@ -213,7 +213,9 @@ def run_sweep(config_name: str, variant: str, grid, num_steps: int, seeds=(0,),
       c.sample_every = num_steps
       c.checkpoint.every = num_steps
       c.eval.at_start = False
-      if not eval_num:
+      if eval_num:
+        c.eval.num = 0  # scored by resampled_figures: the trainer's own evaluation would be thrown away
+      else:
         c.eval.steps = tuple(eval_steps)
       key = run_key(settings, sd)
       run_dir = run_dir_name(config_name, variant, num_steps, overrides, key)
