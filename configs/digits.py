@@ -2,7 +2,8 @@
 
 Images are upsampled to 16x16 (1 channel) and a small DiT (patch 2, 64 tokens) is trained from scratch
 on a CPU in a few minutes; 1-step samples are recognisable digits. 297 digits are held out to measure
-sample quality (energy distance) at 1, 2 and 4 steps.
+sample quality at 1, 2 and 4 steps: the energy distance of 2000 samples to them (from 297 samples the
+figure would move by ~0.014 from one draw of samples to the next; from 2000 by ~0.004).
 
   python -m imm_jax.train --config configs/digits.py --workdir workdirs/digits
   python -m imm_jax.train --config configs/digits.py:cond ...   # class-conditional, guidance-ready
@@ -30,7 +31,7 @@ def get_config(arg: str = ""):
   c.optim.update(name="adamw", lr=1e-3, warmup_steps=100, grad_clip=1.0)
   c.ema.update(decay=0.999, warmup=True)
   c.sample.num = 100
-  c.eval.update(num=297, steps=(1, 2, 4))
+  c.eval.update(num=297, samples=2000, steps=(1, 2, 4))
   if arg == "cond":
     c.model.class_conditional = True
     c.imm.label_dropout = 0.1

@@ -462,18 +462,36 @@ def augment_preview(model: Model, augment, x: np.ndarray, seed: int, num: int = 
 
 
 def sample_quality(model: Model, params, config, eval_x: np.ndarray, steps_list) -> dict[str, float]:
-  """Energy distance (and RBF MMD^2) between model samples and held-out real data, per step count."""
-  n = eval_x.shape[0]
+  """Energy distance (and RBF MMD^2) between model samples and held-out real data, per step count:
+  ``config.eval.samples`` samples (0: as many as ``eval_x`` holds), ``config.eval.batch`` at a time,
+  from the same noise at every step count and evaluation (keyed by ``config.seed``)."""
+  n_ref = eval_x.shape[0]
+  n = int(config.eval.get("samples", 0)) or n_ref
+  batch = max(1, int(config.eval.get("batch", n)))
   noise, labels = sample_grid_noise(model, n, int(config.seed) + 1)
+  flat_ref = eval_x.reshape(n_ref, -1)
   out = {}
-  flat_ref = eval_x.reshape(n, -1)
   for steps in steps_list:
-    samples = generate_samples(model, params, noise, labels, steps, config,
-                               rng=jax.random.key(int(config.seed) + steps))
-    flat = samples.reshape(n, -1)
+    key = jax.random.key(int(config.seed) + steps)
+    chunks = []
+    for i, lo in enumerate(range(0, n, batch)):
+      chunks.append(generate_samples(
+          model, params, noise[lo:lo + batch], None if labels is None else labels[lo:lo + batch], steps,
+          config, rng=key if i == 0 else jax.random.fold_in(key, i)))  # stochastic samplers: fresh noise per chunk
+    flat = np.concatenate(chunks).reshape(n, -1)
     out[f"energy_{steps}step"] = distances.energy_distance(flat, flat_ref)
     out[f"mmd_{steps}step"] = distances.mmd_rbf(flat, flat_ref)
   return out
+
+
+def check_eval_config(eval_cfg) -> None:
+  """One-line errors for a ``config.eval`` that sample_quality cannot run."""
+  samples, batch = int(eval_cfg.get("samples", 0)), int(eval_cfg.get("batch", 1))
+  if samples < 0 or samples == 1:
+    raise ValueError(f"config.eval.samples={samples}: give 0 (as many samples as config.eval.num held-out "
+                     "examples) or at least 2")
+  if batch < 1:
+    raise ValueError(f"config.eval.batch={batch}: give the number of samples generated at a time, at least 1")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -493,6 +511,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     objective = make_objective(config, model.net, model.precond, model.null_label)
     accum = int(config.get("grad_accum_steps", 1))
     parallel.check_batch_layout(int(config.batch_size), objective.group_size, mesh, accum)
+    check_eval_config(config.eval)
     checkpoints.check_resumable(workdir, config)  # before anything in the workdir is written
     start_params = None
     if not checkpoints.has_checkpoint(workdir):

@@ -41,7 +41,7 @@ def make_tiny_digits(num_steps: int = 6):
   c.optim.warmup_steps = 2
   c.sample.num = 8
   c.sample.steps = (1, 2)
-  c.eval.update(num=32, steps=(1, 2), at_start=False)
+  c.eval.update(num=32, samples=0, steps=(1, 2), at_start=False)
   return c
 
 

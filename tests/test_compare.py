@@ -54,6 +54,12 @@ def test_report_keeps_the_rest_of_the_page(tmp_path):
   text = open(os.path.join(out, "results.md")).read()
   assert text.startswith("# Results\n\nother section\n")
   assert text.count(compare.BEGIN) == 1 and text.count("### digits") == 1
+  assert "### digits (64 samples; train subset vs held-out: 0.00100)" in text  # results of before the counts
+  loaded[0].update(eval_num=2000, num_reference=297, num_floor=1500)
+  compare.write_report(loaded, out)
+  text = open(os.path.join(out, "results.md")).read()
+  assert ("### digits (2000 samples against 297 held-out; 1500 distinct training examples against the same: "
+          "0.00100)") in text
   from PIL import Image
 
   png = np.asarray(Image.open(os.path.join(out, "results", "compare.png")))

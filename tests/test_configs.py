@@ -63,7 +63,7 @@ def test_tfds_configs_train_on_mock_data(name, tmp_path):
   c.checkpoint.update(every=2, async_save=False)
   c.data.worker_count = 0
   c.sample.update(num=4, steps=(1,))
-  c.eval.update(num=8, steps=(1,), every=0, at_start=False)
+  c.eval.update(num=8, samples=0, steps=(1,), every=0, at_start=False)
   if name == "cifar10":  # the paper's network, shrunk
     c.model.update(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,))
   else:

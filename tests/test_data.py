@@ -103,6 +103,25 @@ def test_digits_holdout_is_disjoint_and_complements_one_training_epoch():
     assert set(_rows(a)) <= set(_rows(full))
 
 
+def test_train_examples_are_distinct_seeded_and_disjoint_from_the_held_out_set():
+    # The real set a sample-quality figure's floor is measured with: no example twice (a batch of 2000
+    # from the iterator repeats 500 of the 1500 training digits), never a held-out one.
+    cfg = _digits_cfg(image_size=8)
+    a, la = data.load_train_examples(cfg, 100, seed=0)
+    b, _ = data.load_train_examples(cfg, 100, seed=0)
+    c, _ = data.load_train_examples(cfg, 100, seed=1)
+    assert a.shape == (100, 8, 8, 1) and la.dtype == np.int32 and len(set(_rows(a))) == 100
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    everything, _ = data.load_train_examples(cfg, 2000)
+    assert len(set(_rows(everything))) == len(everything) == 1500
+    held_out, _ = data.load_eval_set(cfg, 297)
+    assert not set(_rows(everything)) & set(_rows(held_out))
+    assert set(_rows(a)) <= set(_rows(everything))
+    with pytest.raises(ValueError, match='num must be positive'):
+        data.load_train_examples(cfg, 0)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # determinism, epochs, sharding, checkpoints
 

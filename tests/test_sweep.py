@@ -117,6 +117,26 @@ def test_eval_num_reports_the_distance_of_that_many_fresh_samples(tmp_path):
   assert np.all(np.abs(res["true_vs_true_energy_draws"]) < 0.2)
 
 
+def test_floor_draws_distinct_training_examples_at_most_the_whole_training_set():
+  # Against the held-out set: FLOOR_DRAWS different subsets of `num` training points, or, when `num`
+  # is more than there are, the whole training set once (a set with repeats would score worse than
+  # samples from a perfect model, which never repeat).
+  import numpy as np
+
+  from imm_jax.data import sources
+  from imm_jax.evaluation import distances
+
+  data_cfg = load_config("toy2d", "moons").data
+  data_cfg.update(toy_size=60, holdout=40)
+  resolved = sources.resolve(data_cfg, need_train=True, need_eval=True)
+  train = resolved.train.gather(np.arange(60))["x"]
+  held_out = resolved.holdout.gather(np.arange(40))["x"]
+  draws, size = sweep.floor_draws(data_cfg, held_out, 30, seed=1)
+  assert size == 30 and len(draws) == sweep.FLOOR_DRAWS and len(set(draws)) == sweep.FLOOR_DRAWS
+  draws, size = sweep.floor_draws(data_cfg, held_out, 96, seed=1)
+  assert size == 60 and draws == [pytest.approx(distances.energy_distance(train, held_out))]
+
+
 def _run_cli(tmp_path, *args):
   return subprocess.run([sys.executable, "-m", "imm_jax.experiments.sweep", *args,
                          f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'o'}"],

@@ -14,7 +14,8 @@ import pytest
 
 from imm_jax import checkpoints
 from imm_jax.builder import build_model
-from imm_jax.trainer import train_and_evaluate
+from imm_jax.evaluation import distances
+from imm_jax.trainer import generate_samples, sample_grid_noise, sample_quality, train_and_evaluate
 from imm_jax.writers import read_metrics
 
 from imm_jax.configs_loader import load_config
@@ -75,11 +76,34 @@ def test_nan_loss_stops_without_overwriting_checkpoint(tmp_path, tiny_digits):
   assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
 
 
+def test_sample_quality_scores_config_eval_samples_generated_batch_at_a_time():
+  # config.eval.samples samples (here more than the held-out set), generated config.eval.batch at a
+  # time: the figures of the whole noise batch sampled at once and scored by the distances directly.
+  c = load_config("toy2d", "moons")
+  c.eval.update(samples=300, batch=128)
+  model = build_model(c)
+  params = model.init_params(jax.random.key(0))
+  eval_x = np.random.default_rng(0).normal(size=(50, 2)).astype(np.float32)
+  figures = sample_quality(model, params, c, eval_x, (1, 2))
+  noise, labels = sample_grid_noise(model, 300, int(c.seed) + 1)
+  for steps in (1, 2):
+    whole = generate_samples(model, params, noise, labels, steps, c)
+    assert whole.shape == (300, 2)
+    assert figures[f"energy_{steps}step"] == pytest.approx(distances.energy_distance(whole, eval_x), rel=1e-5)
+    assert figures[f"mmd_{steps}step"] == pytest.approx(distances.mmd_rbf(whole, eval_x), rel=1e-5, abs=1e-8)
+  c.eval.samples = 0  # as many samples as held-out examples
+  first = generate_samples(model, params, *sample_grid_noise(model, 50, int(c.seed) + 1), 1, c)
+  assert sample_quality(model, params, c, eval_x, (1,))["energy_1step"] == pytest.approx(
+      distances.energy_distance(first, eval_x), rel=1e-5)
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["--config.batch_size=30"], "config.batch_size / config.grad_accum_steps = 30 must be a multiple of "
                                  "devices (8) x config.imm.group_size (4) so each device holds whole groups"),
     (["--config.batch_size=16"], "= 16 must be a multiple of devices (8) x config.imm.group_size (4)"),
     (["--config.batch_size=0"], "config.batch_size=0 and config.grad_accum_steps=1 must be positive"),
+    (["--config.eval.samples=1"], "config.eval.samples=1: give 0 (as many samples as config.eval.num"),
+    (["--config.eval.batch=0"], "config.eval.batch=0: give the number of samples generated at a time"),
     (["--config.model.name=transformer"], "unknown network 'transformer' (config.model.name): choose one of"),
     (["--config.data.name=cifar"], "config.data.name='cifar' is not valid; choose one of digits, toy2d, images"),
     (["--config.data.name=images", "--config.data.path=/no/such/dir"],

@@ -4,7 +4,7 @@ Model space: images are float32 NHWC in [-1, 1] (pixel / 255 * 2 - 1); toy point
 std ~0.5 per coordinate (see :mod:`imm_jax.data.toy2d`).
 """
 
-from imm_jax.data.pipeline import create_train_iterator, get_info, load_eval_set, to_uint8
+from imm_jax.data.pipeline import create_train_iterator, get_info, load_eval_set, load_train_examples, to_uint8
 from imm_jax.data.sources import DATASET_NAMES, DataInfo
 from imm_jax.data.toy2d import TOY_NAMES, sample_toy2d
 
@@ -15,6 +15,7 @@ __all__ = [
     'create_train_iterator',
     'get_info',
     'load_eval_set',
+    'load_train_examples',
     'sample_toy2d',
     'to_uint8',
 ]

@@ -209,6 +209,23 @@ def load_eval_set(data_cfg, num: int, seed: int = 0) -> tuple[np.ndarray, np.nda
                              'is empty.')
         key = 'holdout_fraction' if name == 'images' else 'holdout'
         raise ValueError(f'{data.info.name}: no held-out examples (config.data.{key} is 0).')
+    return _distinct_examples(data, pool, num, seed)
+
+
+def load_train_examples(data_cfg, num: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``num`` distinct training examples ``(x float32 model space, labels int32)``, unaugmented:
+    a real set to compare with the held-out one (the floor of a sample-quality figure). Unlike a batch
+    of :func:`create_train_iterator`, which wraps into a second epoch, no example appears twice (exact
+    repeats would make a set look farther from the held-out one than model samples, which never repeat)."""
+    if num <= 0:
+        raise ValueError(f'num must be positive, got {num}.')
+    data = sources.resolve(data_cfg, need_train=True, need_eval=False)
+    return _distinct_examples(data, data.train, num, seed)
+
+
+def _distinct_examples(data, pool, num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``min(num, len(pool))`` examples of ``pool`` without replacement (``seed`` picks them; all of
+    them, in pool order, when ``num`` covers the pool), in model space."""
     if num >= len(pool):
         indices = np.arange(len(pool))
     else:

@@ -46,7 +46,8 @@ def define_flags():
   flags.DEFINE_list("model", [], "Overrides of config.model for every run, e.g. hidden=128 (toy MLP) or "
                     "hidden_size=64,depth=2 (digits DiT).")
   flags.DEFINE_float("distill_lr", 0.0, "Learning rate of the distillation runs (0: the config's).")
-  flags.DEFINE_integer("eval_num", 0, "Samples per evaluation (0: the config's eval.num).")
+  flags.DEFINE_integer("eval_num", 0, "Samples per evaluation, and held-out examples they are compared with "
+                       "(0: the config's eval.samples and eval.num).")
   flags.DEFINE_integer("seed", 0, "Seed of every run.")
   flags.DEFINE_string("out", "docs", "Folder of results.md; JSON and PNG go to <out>/results.")
   flags.DEFINE_string("workdir", "workdirs/compare", "Parent folder of the training workdirs.")
@@ -97,8 +98,8 @@ def _train(c, workdir: str) -> float:
   return time.perf_counter() - t0
 
 
-def _evaluate(c, workdir: str, eval_x, samplers_steps) -> dict:
-  """{'SAMPLER': {steps: energy distance}} for the EMA parameters of ``workdir``."""
+def _evaluate(c, workdir: str, eval_x, num: int, samplers_steps) -> dict:
+  """{'SAMPLER': {steps: energy distance}} of ``num`` samples from the EMA parameters of ``workdir``."""
   from imm_jax import checkpoints
   from imm_jax.builder import build_model
   from imm_jax.trainer import sample_quality
@@ -110,6 +111,7 @@ def _evaluate(c, workdir: str, eval_x, samplers_steps) -> dict:
     cfg = c.copy_and_resolve_references()
     cfg.sample.sampler = sampler
     cfg.sample.schedule = "uniform" if sampler != "pushforward" else cfg.sample.schedule
+    cfg.eval.samples = num
     figures = sample_quality(model, params, cfg, eval_x, steps)
     out[sampler] = {int(k): float(figures[f"energy_{k}step"]) for k in steps}
   return out
@@ -122,8 +124,7 @@ def _compute(c, objective_passes: float) -> float:
 def run_dataset(dataset: str, opts: dict, workdir: str, ks) -> dict:
   from imm_jax import data as data_lib
   from imm_jax.configs_loader import load_config
-  from imm_jax.data import sources
-  from imm_jax.evaluation import distances
+  from imm_jax.experiments import sweep
   from imm_jax.objectives import IMM_PASSES_PER_EXAMPLE
   from imm_jax.objectives.flow_matching import PASSES_PER_EXAMPLE as FM_PASSES
   from imm_jax.objectives.moment_matching import PASSES_PER_EXAMPLE as MM_PASSES
@@ -132,16 +133,15 @@ def run_dataset(dataset: str, opts: dict, workdir: str, ks) -> dict:
   runs = {}
 
   fm = _adjust(load_config("flow_matching", fm_variant), opts, distill=False)
-  n_eval = opts["eval_num"] or int(load_config("flow_matching", fm_variant).eval.num)
-  eval_x, _ = data_lib.load_eval_set(fm.data, n_eval, seed=opts["seed"])
-  resolved = sources.resolve(fm.data, need_train=True, need_eval=False)
-  train_x = resolved.to_model_space(resolved.train.gather(np.arange(min(n_eval, len(resolved.train)))))["x"]
-  floor = float(distances.energy_distance(train_x.reshape(len(train_x), -1), eval_x.reshape(len(eval_x), -1)))
+  eval_cfg = load_config("flow_matching", fm_variant).eval
+  eval_x, _ = data_lib.load_eval_set(fm.data, opts["eval_num"] or int(eval_cfg.num), seed=opts["seed"])
+  n_eval = opts["eval_num"] or int(eval_cfg.samples) or len(eval_x)
+  floor, n_floor = sweep.floor_draws(fm.data, eval_x, n_eval, seed=opts["seed"] + 1)
 
   fm_dir = os.path.join(workdir, dataset, "flow_matching")
   wall = _train(fm, fm_dir)
   fm_compute = _compute(fm, FM_PASSES)
-  scores = _evaluate(fm, fm_dir, eval_x, [("euler", FM_STEPS), ("heun", FM_STEPS), ("ancestral", FEW_STEPS)])
+  scores = _evaluate(fm, fm_dir, eval_x, n_eval, [("euler", FM_STEPS), ("heun", FM_STEPS), ("ancestral", FEW_STEPS)])
   runs["flow matching, Euler"] = dict(energy=scores["euler"], nfe={k: k for k in FM_STEPS},
                                       train_steps=fm.num_steps, batch=fm.batch_size, compute=fm_compute, wall_s=wall)
   runs["flow matching, Heun"] = dict(energy=scores["heun"], nfe={k: 2 * k - 1 for k in FM_STEPS},
@@ -153,7 +153,7 @@ def run_dataset(dataset: str, opts: dict, workdir: str, ks) -> dict:
   imm = _adjust(load_config(imm_name, imm_arg), opts, distill=False)
   imm_dir = os.path.join(workdir, dataset, "imm")
   wall = _train(imm, imm_dir)
-  scores = _evaluate(imm, imm_dir, eval_x, [("pushforward", FEW_STEPS)])
+  scores = _evaluate(imm, imm_dir, eval_x, n_eval, [("pushforward", FEW_STEPS)])
   runs["IMM, pushforward"] = dict(energy=scores["pushforward"], nfe={k: k for k in FEW_STEPS},
                                   train_steps=imm.num_steps, batch=imm.batch_size,
                                   compute=_compute(imm, IMM_PASSES_PER_EXAMPLE), wall_s=wall)
@@ -167,14 +167,16 @@ def run_dataset(dataset: str, opts: dict, workdir: str, ks) -> dict:
       c.sample.steps = (int(k),)
       mm_dir = os.path.join(workdir, dataset, f"mm_{version}_k{k}")
       walls += _train(c, mm_dir)
-      energy[int(k)] = _evaluate(c, mm_dir, eval_x, [("ancestral", (int(k),))])["ancestral"][int(k)]
+      energy[int(k)] = _evaluate(c, mm_dir, eval_x, n_eval, [("ancestral", (int(k),))])["ancestral"][int(k)]
       computes.append(_compute(c, MM_PASSES[c.moment_matching.variant]))
       steps_used, batch = c.num_steps, c.batch_size
     runs[f"MM distillation, {label}"] = dict(
         energy=energy, nfe={int(k): int(k) for k in ks}, train_steps=steps_used, batch=batch,
         compute=float(np.mean(computes)), compute_with_teacher=float(np.mean(computes)) + fm_compute,
         wall_s=walls / max(len(ks), 1), per_k_run=True)
-  return {"dataset": dataset, "eval_num": int(n_eval), "floor_energy": floor, "runs": runs}
+  return {"dataset": dataset, "eval_num": int(n_eval), "num_reference": len(eval_x),
+          "num_floor": n_floor,
+          "floor_energy": float(np.mean(floor)), "floor_draws": floor, "runs": runs}
 
 
 # -- report ----------------------------------------------------------------------------------------------------
@@ -202,6 +204,13 @@ def markdown_table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def _sizes_text(res: dict) -> str:
+  if "num_reference" not in res:  # results written before the sample and held-out counts were told apart
+    return f"{res['eval_num']} samples; train subset vs held-out: {res['floor_energy']:.5f}"
+  return (f"{res['eval_num']} samples against {res['num_reference']} held-out; {res['num_floor']} distinct "
+          f"training examples against the same: {res['floor_energy']:.5f}")
+
+
 def write_report(all_results: list, out: str):
   os.makedirs(os.path.join(out, "results"), exist_ok=True)
   parts = [BEGIN, "## IMM vs flow matching vs moment-matching distillation", "",
@@ -218,8 +227,7 @@ def write_report(all_results: list, out: str):
            "the EDM weight). The undistilled-ancestral row is the distillation's starting point.", "",
            "![energy distance against sampling steps](results/compare.png)", ""]
   for res in all_results:
-    parts += [f"### {res['dataset']} ({res['eval_num']} samples; train subset vs held-out: "
-              f"{res['floor_energy']:.5f})", "", f"`{res.get('command', '')}`", "", markdown_table(res), ""]
+    parts += [f"### {res['dataset']} ({_sizes_text(res)})", "", f"`{res.get('command', '')}`", "", markdown_table(res), ""]
   parts.append(END)
   block = "\n".join(parts)
   path = os.path.join(out, "results.md")

@@ -13,17 +13,18 @@ values of one config key, ``--grid KEY1,KEY2=a1:b1,a2:b2`` values of keys that c
 mapping at its own k); the runs are all combinations of the grids, once per seed. ``--set
 KEY=VALUE`` changes a config value for every run. A value is a Python literal or a string. Reported,
 next to each run: the energy distance of its EMA model's samples (1, 2 and 4 steps, or
-``--eval_steps``) to held-out true samples, and the floor (true sets of the same sizes: training
-examples against the held-out ones). A run whose training metrics become non-finite is reported as
-diverged (NaN) rather than stopping the sweep.
+``--eval_steps``) to held-out true samples, and the floor (as many distinct training examples as
+there are samples, at most the whole training set, against the same held-out ones). A run whose
+training metrics become non-finite is reported as diverged (NaN) rather than stopping the sweep.
 
-By default the figures are the trainer's own final evaluation: ``config.eval.num`` samples against as
-many held-out examples (the toys: 4096 fresh points; digits: its 297 held-out images). For digits that
-is noisy: one model's figure moves by ~0.014 (standard deviation) from one draw of 297 samples to the
-next, as much as many of the differences an ablation looks for (docs/ablations.md). ``--eval_num N``
-samples N examples per step count instead, through ``imm_jax.evaluate`` (its shards and reports land
-in the run's ``eval/`` folder; a setting sampled before is read back, not sampled again), against the
-same held-out set; ``--eval_steps`` picks the step counts (e.g. 1,2,4,8 for Table 7's 8-step column).
+By default the figures are the trainer's own final evaluation: ``config.eval.samples`` samples against
+``config.eval.num`` held-out examples (the toys: 4096 against 4096 fresh points; digits: 2000 against its
+297 held-out images; from 297 samples one model's digits figure moved by ~0.014, standard deviation,
+from one draw to the next, as much as many differences an ablation looks for: docs/ablations.md).
+``--eval_num N`` samples N examples per step count instead, through ``imm_jax.evaluate`` (its shards
+and reports land in the run's ``eval/`` folder; a setting sampled before is read back, not sampled
+again), against the same held-out set; ``--eval_steps`` picks the step counts (e.g. 1,2,4,8 for Table
+7's 8-step column).
 
 Each run trains in `<workdir>/<config>_<variant>_<steps>steps[_<overrides>]_<grid values>_s<seed>`;
 a finished run found there is only re-evaluated, so reports over overlapping sweeps cost no extra
@@ -42,6 +43,7 @@ import math
 import os
 import re
 
+import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
 
@@ -66,7 +68,7 @@ def define_common_flags():
   flags.DEFINE_string("tag", "", "Suffix of the result name (the JSON and PNG files), to keep reports apart.")
   flags.DEFINE_string("out", "docs/results", "Output folder for the JSON summary and the plot.")
   flags.DEFINE_integer("eval_num", 0, "Samples per step count for the reported energy distances, drawn by "
-                       "imm_jax.evaluate; 0: the trainer's final evaluation (config.eval.num samples).")
+                       "imm_jax.evaluate; 0: the trainer's final evaluation (config.eval.samples samples).")
   flags.DEFINE_list("eval_steps", ["1", "2", "4"], "Sampling step counts reported for every run.")
 
 
@@ -191,8 +193,6 @@ def run_sweep(config_name: str, variant: str, grid, num_steps: int, seeds=(0,),
   settings and its energy distances at ``eval_steps`` (NaN, with ``diverged`` true, when training
   stopped on non-finite metrics): the trainer's final evaluation, or with ``eval_num`` > 0 that many
   samples per step count (:func:`resampled_figures`)."""
-  from imm_jax import data as data_lib
-  from imm_jax.evaluation import distances
   from imm_jax.trainer import train_and_evaluate
 
   seeds = [int(s) for s in seeds]
@@ -233,17 +233,32 @@ def run_sweep(config_name: str, variant: str, grid, num_steps: int, seeds=(0,),
       results["runs"][key] = run
       print(f"{key}: " + ", ".join(f"{f}={v:.5f}" for f, v in run.items() if f.startswith("energy")),
             flush=True)
-  # The floor: the held-out data against as many training examples as the figures have samples, for
-  # FLOOR_DRAWS independent training draws: their spread is the noise level of every figure above.
+  from imm_jax import data as data_lib
+
   held_out, _ = data_lib.load_eval_set(base.data, int(eval_num or base.eval.num))
-  draws = []
-  for i in range(FLOOR_DRAWS):
-    real = next(data_lib.create_train_iterator(base.data, local_batch_size=int(eval_num or len(held_out)),
-                                               seed=seeds[0] + 1 + i))["x"]
-    draws.append(float(distances.energy_distance(real.reshape(len(real), -1), held_out.reshape(len(held_out), -1))))
+  draws, _ = floor_draws(base.data, held_out, int(eval_num or base.eval.get("samples", 0) or len(held_out)),
+                      seed=seeds[0] + 1)
   results["true_vs_true_energy"] = float(sum(draws) / len(draws))
   results["true_vs_true_energy_draws"] = draws
   return results
+
+
+def floor_draws(data_cfg, held_out: np.ndarray, num: int, seed: int) -> tuple[list[float], int]:
+  """The floor of sample-quality figures: energy distances of ``num`` distinct training examples (at
+  most the whole training set) to the ``held_out`` examples the samples are scored against, for
+  FLOOR_DRAWS independent draws (one when the draw is the whole training set; their spread is the
+  noise of a figure near the floor), and the number of training examples drawn."""
+  from imm_jax import data as data_lib
+  from imm_jax.evaluation import distances
+
+  ref = held_out.reshape(len(held_out), -1)
+  draws = []
+  for i in range(FLOOR_DRAWS):
+    real, _ = data_lib.load_train_examples(data_cfg, num, seed=seed + i)
+    draws.append(float(distances.energy_distance(real.reshape(len(real), -1), ref)))
+    if len(real) < num:  # the whole training set: every draw would be this one
+      break
+  return draws, len(real)
 
 
 def _fmt(v) -> str:
@@ -252,7 +267,7 @@ def _fmt(v) -> str:
 
 def _floor_text(results: dict) -> str:
   draws = results.get("true_vs_true_energy_draws")
-  if not draws:
+  if not draws or len(draws) == 1:
     return f"{results['true_vs_true_energy']:.5f}"
   return f"{results['true_vs_true_energy']:.5f} mean of {len(draws)}, range {min(draws):.5f} to {max(draws):.5f}"
 
@@ -264,8 +279,8 @@ def markdown_table(results: dict) -> str:
   steps = results.get("eval_steps", (1, 2, 4))
   samples = f"{results['eval_num']} samples per step count" if results.get("eval_num") else "the trainer's samples"
   lines = [f"IMM on `{results['name']}`, {results['num_steps']} steps at equal batch{over_txt} (energy "
-           f"distance of {samples} to held-out true samples, lower is better; true sets of the same sizes: "
-           f"{_floor_text(results)})", "",
+           f"distance of {samples} to held-out true samples, lower is better; training examples against "
+           f"the same held-out set: {_floor_text(results)})", "",
            "| " + " | ".join([short_name(k) for k in keys] + ["seed", "groups per batch"]
                              + [f"{n} step" + ("s" if n > 1 else "") for n in steps]) + " |",
            "|" + "---|" * (len(keys) + 2 + len(steps))]
