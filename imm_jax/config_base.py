@@ -87,8 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
       steps=(1, 2, 4), num=64, schedule="default", mid_etas=(), sampler="pushforward", cfg_scale=1.0))
   # Sample quality (energy distance, RBF MMD) at the end of training (and every ``every`` steps, and of
   # the untrained network with ``at_start``): ``samples`` model samples per step count (0: ``num``),
-  # generated ``batch`` at a time, against ``num`` held-out examples (0: no evaluation). The figure's
-  # noise falls with ``samples``; the held-out set is the same for every run and step.
-  c.eval = ml_collections.ConfigDict(dict(num=0, samples=0, batch=1024, steps=(1, 2, 4), every=0,
+  # generated at most ``batch`` at a time, against ``num`` held-out examples (0: no evaluation). The
+  # figure's noise falls with ``samples``; the held-out set is the same for every run and step.
+  c.eval = ml_collections.ConfigDict(dict(num=0, samples=0, batch=2048, steps=(1, 2, 4), every=0,
                                           at_start=True))
   return c

@@ -463,22 +463,23 @@ def augment_preview(model: Model, augment, x: np.ndarray, seed: int, num: int = 
 
 def sample_quality(model: Model, params, config, eval_x: np.ndarray, steps_list) -> dict[str, float]:
   """Energy distance (and RBF MMD^2) between model samples and held-out real data, per step count:
-  ``config.eval.samples`` samples (0: as many as ``eval_x`` holds), ``config.eval.batch`` at a time,
-  from the same noise at every step count and evaluation (keyed by ``config.seed``)."""
+  ``config.eval.samples`` samples (0: as many as ``eval_x`` holds), from the same noise at every step
+  count and evaluation (keyed by ``config.seed``), generated in equal chunks of at most
+  ``config.eval.batch`` (one compiled sampler per step count; the last chunk's few extra are dropped)."""
   n_ref = eval_x.shape[0]
   n = int(config.eval.get("samples", 0)) or n_ref
-  batch = max(1, int(config.eval.get("batch", n)))
-  noise, labels = sample_grid_noise(model, n, int(config.seed) + 1)
+  chunks = -(-n // max(1, int(config.eval.get("batch", n))))
+  size = -(-n // chunks)
+  noise, labels = sample_grid_noise(model, chunks * size, int(config.seed) + 1)
   flat_ref = eval_x.reshape(n_ref, -1)
   out = {}
   for steps in steps_list:
     key = jax.random.key(int(config.seed) + steps)
-    chunks = []
-    for i, lo in enumerate(range(0, n, batch)):
-      chunks.append(generate_samples(
-          model, params, noise[lo:lo + batch], None if labels is None else labels[lo:lo + batch], steps,
-          config, rng=key if i == 0 else jax.random.fold_in(key, i)))  # stochastic samplers: fresh noise per chunk
-    flat = np.concatenate(chunks).reshape(n, -1)
+    parts = [generate_samples(model, params, noise[i * size:(i + 1) * size],
+                              None if labels is None else labels[i * size:(i + 1) * size], steps, config,
+                              rng=key if i == 0 else jax.random.fold_in(key, i))  # stochastic samplers
+             for i in range(chunks)]
+    flat = np.concatenate(parts)[:n].reshape(n, -1)
     out[f"energy_{steps}step"] = distances.energy_distance(flat, flat_ref)
     out[f"mmd_{steps}step"] = distances.mmd_rbf(flat, flat_ref)
   return out
