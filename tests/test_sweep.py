@@ -133,8 +133,9 @@ def test_floor_draws_distinct_training_examples_at_most_the_whole_training_set()
   held_out = resolved.holdout.gather(np.arange(40))["x"]
   draws, size = sweep.floor_draws(data_cfg, held_out, 30, seed=1)
   assert size == 30 and len(draws) == sweep.FLOOR_DRAWS and len(set(draws)) == sweep.FLOOR_DRAWS
-  draws, size = sweep.floor_draws(data_cfg, held_out, 96, seed=1)
-  assert size == 60 and draws == [pytest.approx(distances.energy_distance(train, held_out))]
+  for num in (96, 60):  # more than, and exactly, the training set
+    draws, size = sweep.floor_draws(data_cfg, held_out, num, seed=1)
+    assert size == 60 and draws == [pytest.approx(distances.energy_distance(train, held_out))]
 
 
 def _run_cli(tmp_path, *args):

@@ -174,8 +174,7 @@ def run_dataset(dataset: str, opts: dict, workdir: str, ks) -> dict:
         energy=energy, nfe={int(k): int(k) for k in ks}, train_steps=steps_used, batch=batch,
         compute=float(np.mean(computes)), compute_with_teacher=float(np.mean(computes)) + fm_compute,
         wall_s=walls / max(len(ks), 1), per_k_run=True)
-  return {"dataset": dataset, "eval_num": int(n_eval), "num_reference": len(eval_x),
-          "num_floor": n_floor,
+  return {"dataset": dataset, "eval_num": int(n_eval), "num_reference": len(eval_x), "num_floor": n_floor,
           "floor_energy": float(np.mean(floor)), "floor_draws": floor, "runs": runs}
 
 

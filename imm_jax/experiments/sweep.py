@@ -249,16 +249,17 @@ def floor_draws(data_cfg, held_out: np.ndarray, num: int, seed: int) -> tuple[li
   FLOOR_DRAWS independent draws (one when the draw is the whole training set; their spread is the
   noise of a figure near the floor), and the number of training examples drawn."""
   from imm_jax import data as data_lib
+  from imm_jax.data import sources
   from imm_jax.evaluation import distances
 
+  n_train = len(sources.resolve(data_cfg, need_train=True, need_eval=False).train)
+  num = min(num, n_train)
   ref = held_out.reshape(len(held_out), -1)
   draws = []
-  for i in range(FLOOR_DRAWS):
+  for i in range(1 if num == n_train else FLOOR_DRAWS):  # the whole training set: one draw
     real, _ = data_lib.load_train_examples(data_cfg, num, seed=seed + i)
     draws.append(float(distances.energy_distance(real.reshape(len(real), -1), ref)))
-    if len(real) < num:  # the whole training set: every draw would be this one
-      break
-  return draws, len(real)
+  return draws, num
 
 
 def _fmt(v) -> str:
